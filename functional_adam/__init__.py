@@ -1,0 +1,67 @@
+"""functional_adam: Adam and its family as pure ``init``/``update`` gradient transformations.
+
+Interchangeable with Optax in both directions; see README.md.
+"""
+
+from functional_adam import conventions
+from functional_adam.adam import (
+    ScaleByAdamState,
+    ScaleByAmsgradState,
+    adam_leaf,
+    scale_by_adam,
+    scale_by_amsgrad,
+)
+from functional_adam.aliases import adam, adamw, amsgrad, nadam, nadamw
+from functional_adam.base import (
+    EmptyState,
+    GradientTransformation,
+    OptState,
+    Params,
+    Schedule,
+    Updates,
+    apply_updates,
+    chain,
+    identity,
+)
+from functional_adam.conventions import Convention
+from functional_adam.learning_rate import (
+    ScaleByScheduleState,
+    scale,
+    scale_by_learning_rate,
+    scale_by_schedule,
+)
+from functional_adam.tree import safe_increment
+from functional_adam.weight_decay import WeightDecaySchedule, add_decayed_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Convention",
+    "EmptyState",
+    "GradientTransformation",
+    "OptState",
+    "Params",
+    "ScaleByAdamState",
+    "ScaleByAmsgradState",
+    "ScaleByScheduleState",
+    "Schedule",
+    "Updates",
+    "WeightDecaySchedule",
+    "adam",
+    "adam_leaf",
+    "adamw",
+    "add_decayed_weights",
+    "amsgrad",
+    "apply_updates",
+    "chain",
+    "conventions",
+    "identity",
+    "nadam",
+    "nadamw",
+    "safe_increment",
+    "scale",
+    "scale_by_adam",
+    "scale_by_amsgrad",
+    "scale_by_learning_rate",
+    "scale_by_schedule",
+]

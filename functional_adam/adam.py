@@ -1,0 +1,326 @@
+r"""The Adam update, written once: ``scale_by_adam`` and ``scale_by_amsgrad``.
+
+Adam (Kingma & Ba, 2014, https://arxiv.org/abs/1412.6980), step t = 1, 2, ...::
+
+    m_t = b1·m_{t-1} + (1 - b1)·g_t
+    v_t = b2·v_{t-1} + (1 - b2)·|g_t|²
+    m̂_t = m_t / (1 - b1^t)              v̂_t = v_t / (1 - b2^t)
+    u_t = m̂_t / (sqrt(v̂_t + eps_root) + eps)
+
+AMSGrad (Reddi et al., 2018, https://openreview.net/forum?id=ryQu7f-RZ) uses
+the running maximum of the second moment in the denominator; Nesterov
+momentum (NAdam, Dozat 2016) looks the first moment one step ahead. Where
+frameworks differ (epsilon placement, what the maximum is over) is a
+:class:`~functional_adam.conventions.Convention`.
+
+The whole step for one leaf is :func:`adam_leaf`; the transformations map it
+over the pytree. The arithmetic runs in float32 for 16-bit parameters (and in
+the parameter's precision otherwise), so float16 never turns ``eps=1e-8`` into
+0; moments are stored in the dtypes asked for and updates in the gradients'.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from functional_adam import checks
+from functional_adam.base import GradientTransformation, Params, Updates
+from functional_adam.conventions import OPTAX, Convention, check_convention
+from functional_adam.tree import (
+    compute_dtype,
+    real_dtype,
+    safe_increment,
+    zero_count,
+    zeros_like_moment,
+)
+
+
+class ScaleByAdamState(NamedTuple):
+    """State of :func:`scale_by_adam` (the fields of ``optax.ScaleByAdamState``)."""
+
+    count: jax.Array  # int32 scalar, saturating
+    mu: Updates
+    nu: Updates
+
+
+class ScaleByAmsgradState(NamedTuple):
+    """State of :func:`scale_by_amsgrad` (the fields of ``optax.ScaleByAmsgradState``)."""
+
+    count: jax.Array
+    mu: Updates
+    nu: Updates
+    nu_max: Updates
+
+
+class BiasCorrections(NamedTuple):
+    """The scalars ``1 - b^t`` of one step, computed once and shared by all leaves."""
+
+    mu: jax.Array  # 1 - b1^t
+    nu: jax.Array  # 1 - b2^t
+    mu_next: jax.Array  # 1 - b1^(t+1), for Nesterov
+
+
+@functools.partial(jax.jit, inline=True)
+def _one_minus_power(decay, count):
+    # Jitted as Optax's bias correction is: an eager b**t can differ from a jitted one by an ulp.
+    return 1 - decay**count
+
+
+def bias_corrections(
+    b1, b2, count: jax.Array, *, correct_mu: bool = True, correct_nu: bool = True
+) -> BiasCorrections:
+    """``1 - b1^t``, ``1 - b2^t`` and ``1 - b1^(t+1)`` for step ``t = count`` (1 if switched off).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> round(float(bias_corrections(0.9, 0.999, jnp.array(1)).mu), 6)
+        0.1
+    """
+    one = jnp.ones([])
+    return BiasCorrections(
+        mu=_one_minus_power(b1, count) if correct_mu else one,
+        nu=_one_minus_power(b2, count) if correct_nu else one,
+        mu_next=_one_minus_power(b1, safe_increment(count)) if correct_mu else one,
+    )
+
+
+def adam_leaf(
+    g: jax.Array,
+    m: jax.Array,
+    v: jax.Array,
+    v_max: jax.Array | None,
+    bc: BiasCorrections,
+    *,
+    b1,
+    b2,
+    eps,
+    eps_root,
+    nesterov: bool = False,
+    convention: Convention = OPTAX,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """One Adam step for one leaf: returns ``(u, m, v, v_max)`` in the compute dtype.
+
+    ``bc`` holds this step's bias corrections. ``v_max`` is ``None`` for Adam and
+    the running maximum for AMSGrad. The order of operations is Optax's, so
+    float32 results under ``jax.jit`` are bitwise Optax's.
+    """
+    dtype = jnp.result_type(compute_dtype(g.dtype), compute_dtype(m.dtype))
+    v_dtype = jnp.result_type(real_dtype(dtype), compute_dtype(v.dtype))
+    g, m, v = g.astype(dtype), m.astype(dtype), v.astype(v_dtype)
+    g_sq = (g.conj() * g).real if jnp.iscomplexobj(g) else g**2
+    m = (1 - b1) * g + b1 * m
+    v = (1 - b2) * g_sq + b2 * v
+    bc1, bc2 = bc.mu.astype(m.dtype), bc.nu.astype(v_dtype)
+
+    if convention.epsilon == "hat":  # TF1/Keras: lr_t = lr·sqrt(1-b2^t)/(1-b1^t), eps on raw v
+        if v_max is not None:
+            v_max = jnp.maximum(v_max.astype(v_dtype), v)
+        v_den = v if v_max is None else v_max
+        step = (jnp.sqrt(bc2) / bc.mu.astype(v_dtype)).astype(m.dtype)
+        return m * step / (jnp.sqrt(v_den + eps_root) + eps), m, v, v_max
+
+    if v_max is None:
+        v_hat = v / bc2
+    elif convention.amsgrad_max == "raw":  # PyTorch: max over raw v, then corrected
+        v_max = jnp.maximum(v_max.astype(v_dtype), v)
+        v_hat = v_max / bc2
+    else:  # Optax: max over the corrected v̂
+        v_max = v_hat = jnp.maximum(v_max.astype(v_dtype), v / bc2)
+    if nesterov:
+        m_hat = b1 * (m / bc.mu_next.astype(m.dtype)) + (1 - b1) * (g / bc1)
+    else:
+        m_hat = m / bc1
+    u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+    return u, m, v, v_max
+
+
+def _check_hyperparameters(b1, b2, eps, eps_root) -> None:
+    checks.check_hyperparameter("b1", b1, high=1.0)
+    checks.check_hyperparameter("b2", b2, high=1.0)
+    checks.check_hyperparameter("eps", eps)
+    checks.check_hyperparameter("eps_root", eps_root)
+    if all(isinstance(x, int | float) for x in (eps, eps_root)) and eps == 0 and eps_root == 0:
+        raise ValueError(
+            "eps and eps_root are both 0: a zero gradient would give 0/0 = NaN. "
+            "Set eps > 0 (usual) or eps_root > 0."
+        )
+
+
+def _scale_by_adam_family(
+    b1,
+    b2,
+    eps,
+    eps_root,
+    mu_dtype,
+    nu_dtype,
+    *,
+    nesterov,
+    amsgrad,
+    convention,
+    correct_mu=True,
+    correct_nu=True,
+) -> GradientTransformation:
+    _check_hyperparameters(b1, b2, eps, eps_root)
+    mu_dtype = checks.check_float_dtype("mu_dtype", mu_dtype)
+    nu_dtype = checks.check_float_dtype("nu_dtype", nu_dtype)
+    convention = check_convention(convention)
+    if nesterov and convention.epsilon == "hat":
+        raise ValueError("nesterov=True is not defined with convention.epsilon='hat'.")
+
+    def init(params: Params):
+        checks.check_float_leaves(params, "params")
+        mu = zeros_like_moment(params, mu_dtype, squared=False)
+        nu = zeros_like_moment(params, nu_dtype, squared=True)
+        if amsgrad:
+            return ScaleByAmsgradState(
+                zero_count(), mu, nu, zeros_like_moment(params, nu_dtype, squared=True)
+            )
+        return ScaleByAdamState(zero_count(), mu, nu)
+
+    def update(updates: Updates, state, params: Params | None = None, **extra_args: Any):
+        del params, extra_args
+        checks.check_same_structure(updates, state.mu)
+        checks.check_float_leaves(updates, "updates")
+        count_inc = safe_increment(state.count)
+        bc = bias_corrections(b1, b2, count_inc, correct_mu=correct_mu, correct_nu=correct_nu)
+        g_leaves, treedef = jax.tree.flatten(updates)
+        m_leaves = treedef.flatten_up_to(state.mu)
+        v_leaves = treedef.flatten_up_to(state.nu)
+        vmax_leaves = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(g_leaves)
+        results = [
+            adam_leaf(
+                g,
+                m,
+                v,
+                vm,
+                bc,
+                b1=b1,
+                b2=b2,
+                eps=eps,
+                eps_root=eps_root,
+                nesterov=nesterov,
+                convention=convention,
+            )
+            for g, m, v, vm in zip(g_leaves, m_leaves, v_leaves, vmax_leaves, strict=True)
+        ]
+
+        def rebuild(index, like):
+            return treedef.unflatten(
+                [r[index].astype(x.dtype) for r, x in zip(results, like, strict=True)]
+            )
+
+        new_updates = rebuild(0, g_leaves)
+        mu, nu = rebuild(1, m_leaves), rebuild(2, v_leaves)
+        if amsgrad:
+            return new_updates, ScaleByAmsgradState(count_inc, mu, nu, rebuild(3, vmax_leaves))
+        return new_updates, ScaleByAdamState(count_inc, mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_adam(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    mu_dtype: Any | None = None,
+    nu_dtype: Any | None = None,
+    *,
+    nesterov: bool = False,
+    convention: Convention = OPTAX,
+) -> GradientTransformation:
+    r"""Rescales updates by Adam's ``m̂ / (sqrt(v̂ + eps_root) + eps)`` (see the module docstring).
+
+    Like :func:`optax.scale_by_adam`, plus ``nu_dtype`` and ``convention``.
+
+    Args:
+        b1: decay of the first moment, in [0, 1).
+        b2: decay of the second moment, in [0, 1).
+        eps: added to ``sqrt(v̂)``; >= 0.
+        eps_root: added to ``v̂`` inside the square root; >= 0.
+        mu_dtype: dtype to store the first moment in (``None``: the parameter's).
+        nu_dtype: dtype to store the second moment in (``None``: the parameter's
+            real dtype; complex parameters keep a real second moment).
+        nesterov: use Nesterov momentum (NAdam, Dozat 2016).
+        convention: where epsilon goes (:mod:`functional_adam.conventions`).
+
+    Returns:
+        A ``GradientTransformation`` with state :class:`ScaleByAdamState`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tx = scale_by_adam()
+        >>> state = tx.init(jnp.array(5.0))
+        >>> u, state = tx.update(jnp.array(10.0), state)
+        >>> float(state.mu), round(float(state.nu), 6)  # m1 = 0.1·10, v1 = 0.001·100
+        (1.0, 0.1)
+        >>> round(float(u), 4)  # m̂/(sqrt(v̂)+eps) = 10/(10+1e-8), up to float32 rounding
+        1.0
+    """
+    return _scale_by_adam_family(
+        b1,
+        b2,
+        eps,
+        eps_root,
+        mu_dtype,
+        nu_dtype,
+        nesterov=nesterov,
+        amsgrad=False,
+        convention=convention,
+    )
+
+
+def scale_by_amsgrad(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    mu_dtype: Any | None = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+    nu_dtype: Any | None = None,
+    *,
+    convention: Convention = OPTAX,
+) -> GradientTransformation:
+    r"""Rescales updates by AMSGrad: Adam with the running maximum of the second moment.
+
+    With the Optax convention ``v_max_t = max(v_max_{t-1}, v̂_t)`` and
+    ``u_t = m̂_t / (sqrt(v_max_t + eps_root) + eps)``; with ``convention.amsgrad_max
+    == "raw"`` (PyTorch, Keras) the maximum is over the raw ``v_t`` and is bias
+    corrected afterwards. Like :func:`optax.scale_by_amsgrad`, plus ``nu_dtype``.
+
+    Args:
+        b1, b2, eps, eps_root, mu_dtype, nu_dtype: as in :func:`scale_by_adam`.
+        bias_correction_mu: divide the first moment by ``1 - b1^t``.
+        bias_correction_nu: divide the second moment by ``1 - b2^t``.
+        convention: see :mod:`functional_adam.conventions`.
+
+    Returns:
+        A ``GradientTransformation`` with state :class:`ScaleByAmsgradState`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tx = scale_by_amsgrad()
+        >>> state = tx.init(jnp.zeros(2))
+        >>> _, state = tx.update(jnp.array([3.0, 0.0]), state)
+        >>> u, state = tx.update(jnp.array([0.0, 0.0]), state)  # v̂ fell, v_max did not
+        >>> state.nu_max.round(3)  # v̂ = 9 after step 1; v̂ of step 2 is lower
+        Array([9., 0.], dtype=float32)
+    """
+    return _scale_by_adam_family(
+        b1,
+        b2,
+        eps,
+        eps_root,
+        mu_dtype,
+        nu_dtype,
+        nesterov=False,
+        amsgrad=True,
+        convention=convention,
+        correct_mu=bias_correction_mu,
+        correct_nu=bias_correction_nu,
+    )

@@ -1,0 +1,140 @@
+"""The optimizers users call: ``adam``, ``adamw``, ``amsgrad``, ``nadam``, ``nadamw``.
+
+Each is a short chain of :mod:`functional_adam.adam`,
+:mod:`functional_adam.weight_decay` and :mod:`functional_adam.learning_rate`,
+with the signature and defaults of the Optax function of the same name.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from functional_adam.adam import scale_by_adam, scale_by_amsgrad
+from functional_adam.base import GradientTransformation, Params, ScalarOrSchedule, chain
+from functional_adam.learning_rate import scale_by_learning_rate
+from functional_adam.weight_decay import add_decayed_weights
+
+
+def adam(
+    learning_rate: ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    mu_dtype: Any | None = None,
+    *,
+    nesterov: bool = False,
+    nu_dtype: Any | None = None,
+) -> GradientTransformation:
+    r"""Adam (Kingma & Ba, 2014): ``θ ← θ - lr · m̂ / (sqrt(v̂ + eps_root) + eps)``.
+
+    Same signature, defaults, state and (in float32) bitwise the same updates
+    as :func:`optax.adam`. See :func:`functional_adam.scale_by_adam` for the math.
+
+    Args:
+        learning_rate: a non-negative float, array, or schedule ``count -> lr``.
+        b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov: see ``scale_by_adam``.
+
+    Returns:
+        ``chain(scale_by_adam(...), scale_by_learning_rate(learning_rate))``.
+
+    Example (the quadratic f(x) = x², x0 = 5: the first step moves x by about lr):
+        >>> import jax, jax.numpy as jnp
+        >>> import functional_adam as fa
+        >>> x = jnp.array(5.0)
+        >>> tx = fa.adam(learning_rate=1e-3)
+        >>> state = tx.init(x)
+        >>> updates, state = tx.update(jax.grad(lambda x: x**2)(x), state, x)
+        >>> round(float(fa.apply_updates(x, updates)), 6)
+        4.999
+    """
+    return chain(
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov=nesterov),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    mu_dtype: Any | None = None,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: Any | Callable[[Params], Any] | None = None,
+    *,
+    nesterov: bool = False,
+    nu_dtype: Any | None = None,
+) -> GradientTransformation:
+    r"""AdamW (Loshchilov & Hutter, 2019): ``θ ← θ - lr · (u_adam + weight_decay · θ)``.
+
+    Decoupled weight decay with Optax's signature and defaults (``weight_decay``
+    1e-4; PyTorch's default is 1e-2, see :mod:`functional_adam.compat`).
+
+    Args:
+        learning_rate: a non-negative float, array, or schedule.
+        b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov: see ``scale_by_adam``.
+        weight_decay: non-negative rate (or schedule) of the decoupled decay.
+        mask: which parameters to decay; see :func:`add_decayed_weights`.
+
+    Returns:
+        ``chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import functional_adam as fa
+        >>> params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+        >>> tx = fa.adamw(1e-3, weight_decay=0.1, mask={"w": True, "b": False})
+        >>> updates, _ = tx.update({"w": jnp.zeros(2), "b": jnp.zeros(2)}, tx.init(params), params)
+        >>> updates["w"], updates["b"]
+        (Array([-0.0001, -0.0001], dtype=float32), Array([-0., -0.], dtype=float32))
+    """
+    return chain(
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov=nesterov),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def amsgrad(
+    learning_rate: ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    mu_dtype: Any | None = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+    *,
+    nu_dtype: Any | None = None,
+) -> GradientTransformation:
+    r"""AMSGrad (Reddi et al., 2018): Adam with ``max`` of the second moment in the denominator.
+
+    Same signature and defaults as :func:`optax.amsgrad`; see
+    :func:`functional_adam.scale_by_amsgrad`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import functional_adam as fa
+        >>> tx = fa.amsgrad(0.1)
+        >>> updates, state = tx.update(jnp.array([1.0]), tx.init(jnp.zeros(1)))
+        >>> float(updates[0].round(4))  # the first step moves by about lr
+        -0.1
+    """
+    return chain(
+        scale_by_amsgrad(
+            b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu, nu_dtype
+        ),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+nadam = functools.partial(adam, nesterov=True)
+nadam.__doc__ = """NAdam (Dozat, 2016): :func:`adam` with ``nesterov=True``, as ``optax.nadam``."""
+nadamw = functools.partial(adamw, nesterov=True)
+nadamw.__doc__ = """NAdamW: :func:`adamw` with ``nesterov=True``, as ``optax.nadamw``."""

@@ -1,0 +1,166 @@
+"""Input checks that turn bad input into clear errors at construction or trace time.
+
+Each check names the argument, the leaf path or the dtype at fault. Checks of
+hyperparameters run on concrete values only: a traced value (inside ``jax.jit``,
+``optax.inject_hyperparams`` under jit, ``jax.vmap``) is not checked, since its
+value is not known when the check runs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NOT_CONCRETE = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerBoolConversionError,
+)
+
+
+def concrete_values(value: Any) -> np.ndarray | None:
+    """The value as a float64 numpy array, or ``None`` if it is traced."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except _NOT_CONCRETE:
+        return None
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"expected a number or an array of numbers, got {value!r}") from err
+
+
+def check_hyperparameter(
+    name: str,
+    value: Any,
+    *,
+    low: float = 0.0,
+    high: float = math.inf,
+    high_inclusive: bool = False,
+    allow_schedule: bool = False,
+) -> None:
+    """Raises ``ValueError`` unless every concrete value lies in ``[low, high)`` (or ``[low, high]``).
+
+    Args:
+        name: the argument's name, used in the message.
+        value: a Python number, an array, a tracer (not checked) or, when
+            ``allow_schedule``, a callable schedule (not checked).
+        low: the smallest allowed value.
+        high: the bound above.
+        high_inclusive: whether ``high`` itself is allowed.
+        allow_schedule: whether a callable is accepted.
+
+    Example:
+        >>> check_hyperparameter("b1", 1.5, high=1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: b1 must be in [0.0, 1.0), got 1.5
+    """
+    if callable(value):
+        if allow_schedule:
+            return
+        raise TypeError(f"{name} must be a number or an array, got the callable {value!r}")
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got the bool {value!r}")
+    try:
+        values = concrete_values(value)
+    except TypeError as err:
+        raise TypeError(f"{name}: {err}") from None
+    if values is None:
+        return
+    closing = "]" if high_inclusive else ")"
+    above = values > high if high_inclusive else values >= high
+    if np.isnan(values).any() or (values < low).any() or above.any():
+        shown = value if np.ndim(values) == 0 else values
+        raise ValueError(f"{name} must be in [{low}, {high}{closing}, got {shown}")
+
+
+def check_float_dtype(name: str, dtype: Any) -> jnp.dtype | None:
+    """Returns the canonical dtype, raising ``ValueError`` unless it is a float dtype.
+
+    Example:
+        >>> check_float_dtype("mu_dtype", "bfloat16")
+        dtype(bfloat16)
+        >>> check_float_dtype("nu_dtype", "int8")
+        Traceback (most recent call last):
+        ...
+        ValueError: nu_dtype must be a floating-point dtype (float16, bfloat16, float32, float64), got int8
+    """
+    if dtype is None:
+        return None
+    try:
+        canonical = jnp.dtype(dtype)
+    except TypeError as err:
+        raise ValueError(f"{name} must be a floating-point dtype, got {dtype!r}") from err
+    if not jnp.issubdtype(canonical, jnp.floating):
+        raise ValueError(
+            f"{name} must be a floating-point dtype (float16, bfloat16, float32, float64), "
+            f"got {canonical}"
+        )
+    return canonical
+
+
+def check_float_leaves(tree: Any, what: str) -> None:
+    """Raises ``TypeError`` naming the first leaf of ``tree`` whose dtype is not float or complex.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> check_float_leaves({"w": jnp.zeros(2), "step": jnp.array(3)}, "params")
+        Traceback (most recent call last):
+        ...
+        TypeError: params['step'] has dtype int32; Adam needs floating-point or complex leaves (keep integer state such as step counters out of the optimized tree, or mask it).
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = jnp.result_type(leaf) if not hasattr(leaf, "dtype") else leaf.dtype
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"{what}{jax.tree_util.keystr(path)} has dtype {dtype}; Adam needs floating-point "
+                "or complex leaves (keep integer state such as step counters out of the "
+                "optimized tree, or mask it)."
+            )
+
+
+def _paths(tree: Any) -> list[tuple[str, bool]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+    return [(jax.tree_util.keystr(path), leaf is None) for path, leaf in flat]
+
+
+def check_same_structure(
+    updates: Any, reference: Any, what: str = "the optimizer state", name: str = "updates"
+) -> None:
+    """Raises ``ValueError`` naming the first path where ``updates`` and ``reference`` differ.
+
+    Example:
+        >>> check_same_structure({"a": 1.0, "c": 2.0}, {"a": 0.0, "b": 0.0})
+        Traceback (most recent call last):
+        ...
+        ValueError: the updates do not have the structure of the optimizer state: first difference at ['c'] (updates) vs ['b'] (the optimizer state). Were the params' tree structure changed after init?
+    """
+    if jax.tree.structure(updates) == jax.tree.structure(reference):
+        return
+    mine, theirs = _paths(updates), _paths(reference)
+    detail = None
+    for (path_u, none_u), (path_r, none_r) in zip(mine, theirs, strict=False):
+        if path_u != path_r:
+            detail = f"first difference at {path_u} ({name}) vs {path_r} ({what})"
+            break
+        if none_u != none_r:
+            which = name if none_u else what
+            detail = f"at {path_u} the leaf is None in the {which} only"
+            break
+    if detail is None and len(mine) != len(theirs):
+        longer, owner = (mine, name) if len(mine) > len(theirs) else (theirs, what)
+        detail = f"{longer[min(len(mine), len(theirs))][0]} is only in {owner}"
+    if detail is None:
+        detail = (
+            f"same paths but different containers: {jax.tree.structure(updates)} vs "
+            f"{jax.tree.structure(reference)}"
+        )
+    raise ValueError(
+        f"the {name} do not have the structure of {what}: {detail}. "
+        "Were the params' tree structure changed after init?"
+    )

@@ -1,0 +1,85 @@
+"""Small helpers shared by the transformations: counters, dtypes of moments, zeros."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+    """``count + 1``, saturating at the dtype's maximum instead of wrapping.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> int(safe_increment(jnp.array(2**31 - 1, jnp.int32)))
+        2147483647
+    """
+    count = jnp.asarray(count)
+    top = jnp.array(jnp.iinfo(count.dtype).max, count.dtype)
+    return jnp.where(count < top, count + jnp.array(1, count.dtype), top)
+
+
+def zero_count() -> jax.Array:
+    """The int32 step counter at step 0."""
+    return jnp.zeros([], jnp.int32)
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype the Adam arithmetic runs in: float32 for 16-bit floats, else ``dtype``.
+
+    Example:
+        >>> compute_dtype(jnp.bfloat16), compute_dtype(jnp.complex64)
+        (dtype('float32'), dtype('complex64'))
+    """
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        return jnp.dtype(jnp.float32)
+    return dtype
+
+
+def real_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype of ``|x|`` for ``x`` of ``dtype`` (float32 for complex64).
+
+    Example:
+        >>> real_dtype(jnp.complex64)
+        dtype('float32')
+    """
+    return jnp.finfo(jnp.dtype(dtype)).dtype
+
+
+def moment_dtype(param_dtype: Any, requested: jnp.dtype | None, *, squared: bool) -> jnp.dtype:
+    """The dtype a moment of a parameter of ``param_dtype`` is stored in.
+
+    The first moment of a complex parameter is complex, of the precision asked
+    for; the second moment (``squared=True``) is always real, since it holds
+    ``|g|^2``.
+
+    Example:
+        >>> moment_dtype(jnp.complex64, None, squared=True)
+        dtype('float32')
+        >>> moment_dtype(jnp.complex64, jnp.dtype("bfloat16"), squared=False)
+        dtype('complex64')
+    """
+    param_dtype = jnp.dtype(param_dtype)
+    complex_param = jnp.issubdtype(param_dtype, jnp.complexfloating)
+    base = real_dtype(param_dtype) if requested is None else requested
+    if complex_param and not squared:
+        return jnp.result_type(base, jnp.complex64)
+    return jnp.dtype(base)
+
+
+def zeros_like_moment(params: Any, requested: jnp.dtype | None, *, squared: bool) -> Any:
+    """Zeros shaped like each parameter (arrays or ``jax.ShapeDtypeStruct``), ``None`` kept.
+
+    Example:
+        >>> import jax
+        >>> zeros_like_moment({"w": jax.ShapeDtypeStruct((2,), jnp.bfloat16)}, None, squared=True)
+        {'w': Array([0, 0], dtype=bfloat16)}
+    """
+
+    return jax.tree.map(
+        lambda p: jnp.zeros_like(p, dtype=moment_dtype(p.dtype, requested, squared=squared)),
+        params,
+    )
