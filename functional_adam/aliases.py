@@ -123,7 +123,7 @@ def amsgrad(
         >>> import functional_adam as fa
         >>> tx = fa.amsgrad(0.1)
         >>> updates, state = tx.update(jnp.array([1.0]), tx.init(jnp.zeros(1)))
-        >>> float(updates[0].round(4))  # the first step moves by about lr
+        >>> round(float(updates[0]), 4)  # the first step moves by about lr
         -0.1
     """
     return chain(
