@@ -1,0 +1,421 @@
+r"""Adam as PyTorch, Keras and TF1 write it: a port is a one-line change.
+
+Each constructor takes the other framework's argument names, order and
+defaults and returns an ordinary :class:`~functional_adam.GradientTransformation`
+(a chain of :mod:`functional_adam` pieces) that follows that framework's
+trajectory: the same parameters after hundreds of steps up to float32
+rounding. The learning rate may be a schedule ``count -> lr`` (``count`` is 0
+at the first update, as a ``torch.optim.lr_scheduler`` or a Keras
+``LearningRateSchedule`` sees it), and the result drops into ``optax.chain``.
+
+Where the frameworks differ (see ``docs/porting.md``)::
+
+    PyTorch Adam   g ← ±g (+ wd·θ)           u = m̂ / (sqrt(v̂) + eps)         θ ← θ - lr·u
+    PyTorch AdamW  g ← ±g                     u = m̂ / (sqrt(v̂) + eps)         θ ← θ(1 - lr·wd) - lr·u
+    Keras Adam(W)  lr_t = lr·sqrt(1-b2^t)/(1-b1^t)   u = m / (sqrt(v) + eps)   θ ← θ(1 - lr·wd) - lr_t·u
+    TF1 Adam       as Keras Adam, default eps 1e-8, no AMSGrad, no weight decay
+
+with AMSGrad's maximum over the raw ``v`` in all three (bias-corrected after
+the maximum in PyTorch). The chains are::
+
+    torch_adam:  [negate] → [add wd·θ] → scale_by_adam/amsgrad(PYTORCH) → scale_by_learning_rate
+    torch_adamw: [negate] → scale_by_adam/amsgrad(PYTORCH) → [add wd·θ] → scale_by_learning_rate
+    keras_adam(w), tf1_adam: scale_by_adam/amsgrad(KERAS) → [add wd·θ] → scale_by_learning_rate
+
+(bracketed pieces are :func:`~functional_adam.identity` when switched off, so
+the state has the same structure whatever the options). PyTorch states convert
+with :func:`from_torch_state` and :func:`to_torch_state`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from functional_adam import checks
+from functional_adam.adam import scale_by_adam, scale_by_amsgrad
+from functional_adam.base import GradientTransformation, ScalarOrSchedule, chain, identity
+from functional_adam.conventions import KERAS, PYTORCH, TF1, Convention
+from functional_adam.learning_rate import scale, scale_by_learning_rate
+from functional_adam.torch_state import from_torch_state, to_torch_state
+from functional_adam.weight_decay import add_decayed_weights
+
+__all__ = [
+    "from_torch_state",
+    "keras_adam",
+    "keras_adamw",
+    "negate",
+    "tf1_adam",
+    "to_torch_state",
+    "torch_adam",
+    "torch_adamw",
+]
+
+Scalar = float | jax.Array
+
+# Options of the other framework that only pick an implementation or a name: accepted, no effect.
+_TORCH_IGNORED = ("foreach", "capturable", "differentiable", "fused")
+_HINTS = {
+    "global_clipnorm": "chain optax.clip_by_global_norm(...) before it",
+    "clipvalue": "chain optax.clip(...) before it",
+    "gradient_accumulation_steps": "wrap it in optax.MultiSteps(...)",
+    "params": "give the parameters to init(params), not to the constructor",
+}
+
+
+def negate() -> GradientTransformation:
+    """Flips the sign of the updates (PyTorch's ``maximize=True``: ascend instead of descend).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tx = negate()
+        >>> tx.update(jnp.array([1.0, -2.0]), tx.init(None))[0]
+        Array([-1.,  2.], dtype=float32)
+    """
+    return scale(-1.0)
+
+
+def _reject_unknown(fn_name: str, unknown: dict[str, Any]) -> None:
+    """Raises ``TypeError`` naming every unexpected keyword argument (with a hint where one helps)."""
+    if not unknown:
+        return
+    names = ", ".join(repr(k) for k in sorted(unknown))
+    hints = "; ".join(f"for {k!r}, {_HINTS[k]}" for k in sorted(unknown) if k in _HINTS)
+    raise TypeError(
+        f"{fn_name}() got unexpected keyword argument(s) {names}"
+        + (f" ({hints})" if hints else "")
+        + ". See help(functional_adam.compat) for the supported options."
+    )
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+    return bool(value)
+
+
+def _check_pair(name: str, value: Any) -> tuple[Scalar, Scalar]:
+    if not isinstance(value, tuple | list):
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {value!r}")
+    if len(value) != 2:
+        raise ValueError(
+            f"{name} must be a pair (beta1, beta2), got {len(value)} values: {value!r}"
+        )
+    for i, beta in enumerate(value):
+        checks.check_hyperparameter(f"{name}[{i}]", beta, high=1.0)
+    return value[0], value[1]
+
+
+def _is_zero(value: Any) -> bool:
+    """True for a concrete 0 (so the decay can be left out); traced values count as non-zero."""
+    concrete = checks.concrete_values(value)
+    return concrete is not None and concrete.size == 1 and float(concrete) == 0.0
+
+
+def _check_common(lr_name: str, lr: Any, eps_name: str, eps: Any, weight_decay: Any) -> None:
+    checks.check_hyperparameter(lr_name, lr, allow_schedule=True)
+    checks.check_hyperparameter(eps_name, eps)
+    if weight_decay is not None:
+        checks.check_hyperparameter("weight_decay", weight_decay)
+
+
+def _adam_core(b1, b2, eps, amsgrad: bool, convention: Convention) -> GradientTransformation:
+    if amsgrad:
+        return scale_by_amsgrad(b1, b2, eps, convention=convention)
+    return scale_by_adam(b1, b2, eps, convention=convention)
+
+
+def _decay(weight_decay: Any) -> GradientTransformation:
+    if weight_decay is None or _is_zero(weight_decay):
+        return identity()
+    return add_decayed_weights(weight_decay)
+
+
+def _torch_chain(
+    fn_name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled, unknown
+) -> GradientTransformation:
+    _reject_unknown(fn_name, unknown)
+    _check_common("lr", lr, "eps", eps, weight_decay)
+    b1, b2 = _check_pair("betas", betas)
+    amsgrad = _check_bool("amsgrad", amsgrad)
+    maximize = _check_bool("maximize", maximize)
+    decoupled = _check_bool("decoupled_weight_decay", decoupled)
+    return chain(
+        negate() if maximize else identity(),
+        identity() if decoupled else _decay(weight_decay),
+        _adam_core(b1, b2, eps, amsgrad, PYTORCH),
+        _decay(weight_decay) if decoupled else identity(),
+        scale_by_learning_rate(lr),
+    )
+
+
+def torch_adam(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0,
+    amsgrad: bool = False,
+    *,
+    foreach: bool | None = None,
+    maximize: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
+    fused: bool | None = None,
+    decoupled_weight_decay: bool = False,
+    **unknown: Any,
+) -> GradientTransformation:
+    r"""``torch.optim.Adam`` as a gradient transformation (same arguments and defaults).
+
+    PyTorch's ``_single_tensor_adam`` (``torch/optim/adam.py``), step t::
+
+        g ← -g if maximize;  g ← g + wd·θ          (coupled L2, if weight_decay)
+        m ← b1·m + (1-b1)·g;  v ← b2·v + (1-b2)·g²
+        v_max ← max(v_max, v)                      (if amsgrad; raw v)
+        θ ← θ - lr/(1-b1^t) · m / (sqrt(v or v_max)/sqrt(1-b2^t) + eps)
+
+    With ``decoupled_weight_decay=True`` it is :func:`torch_adamw`.
+    ``foreach``, ``fused``, ``capturable`` and ``differentiable`` choose a
+    PyTorch kernel, not the math: they are accepted and have no effect.
+
+    Args:
+        lr: non-negative learning rate or schedule ``count -> lr``.
+        betas: the pair ``(beta1, beta2)``, each in [0, 1).
+        eps: non-negative, added to ``sqrt(v̂)``.
+        weight_decay: non-negative L2 coefficient, added to the gradient.
+        amsgrad: use the running maximum of ``v``.
+        maximize: ascend the objective (negate the gradient).
+        decoupled_weight_decay: decay ``θ ← θ(1 - lr·wd)`` instead (AdamW).
+        foreach, capturable, differentiable, fused: ignored (PyTorch kernels).
+        **unknown: anything else raises ``TypeError`` naming it.
+
+    Returns:
+        A ``GradientTransformation``; its ``update`` needs ``params`` when
+        ``weight_decay`` is non-zero.
+
+    Example (``torch.optim.Adam(model.parameters(), lr=0.1)`` becomes):
+        >>> import jax.numpy as jnp
+        >>> import functional_adam as fa
+        >>> tx = fa.compat.torch_adam(lr=0.1)
+        >>> params = jnp.array([1.0, -1.0])
+        >>> updates, state = tx.update(jnp.array([0.5, -2.0]), tx.init(params), params)
+        >>> fa.apply_updates(params, updates).round(5)  # the first step moves each coordinate by lr
+        Array([ 0.9, -0.9], dtype=float32)
+    """
+    del foreach, capturable, differentiable, fused
+    return _torch_chain(
+        "torch_adam",
+        lr,
+        betas,
+        eps,
+        weight_decay,
+        amsgrad,
+        maximize,
+        decoupled_weight_decay,
+        unknown,
+    )
+
+
+def torch_adamw(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 1e-2,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+    fused: bool | None = None,
+    **unknown: Any,
+) -> GradientTransformation:
+    r"""``torch.optim.AdamW`` as a gradient transformation (same arguments and defaults).
+
+    As :func:`torch_adam`, but the decay is decoupled (Loshchilov & Hutter,
+    2019) and taken first, with the learning rate of the current step::
+
+        θ ← θ·(1 - lr·wd);  then the Adam step of torch_adam without L2
+
+    which is ``θ ← θ - lr·(u + wd·θ_old)``: ``add_decayed_weights`` after the
+    Adam direction. The default ``weight_decay`` is PyTorch's 1e-2 (Optax's
+    ``adamw`` uses 1e-4).
+
+    Args:
+        lr, betas, eps, amsgrad, maximize: as in :func:`torch_adam`.
+        weight_decay: non-negative decoupled decay rate.
+        foreach, capturable, differentiable, fused: ignored (PyTorch kernels).
+        **unknown: anything else raises ``TypeError`` naming it.
+
+    Returns:
+        A ``GradientTransformation``; its ``update`` needs ``params``.
+
+    Example (zero gradient: only the decay acts, θ·(1 - 0.1·0.5)):
+        >>> import jax.numpy as jnp
+        >>> import functional_adam as fa
+        >>> tx = fa.compat.torch_adamw(lr=0.1, weight_decay=0.5)
+        >>> params = jnp.array([2.0])
+        >>> updates, _ = tx.update(jnp.zeros(1), tx.init(params), params)
+        >>> fa.apply_updates(params, updates)
+        Array([1.9], dtype=float32)
+    """
+    del foreach, capturable, differentiable, fused
+    return _torch_chain(
+        "torch_adamw", lr, betas, eps, weight_decay, amsgrad, maximize, True, unknown
+    )
+
+
+def _keras_chain(
+    fn_name: str, learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay, unknown
+) -> GradientTransformation:
+    _reject_unknown(fn_name, unknown)
+    _check_common("learning_rate", learning_rate, "epsilon", epsilon, weight_decay)
+    checks.check_hyperparameter("beta_1", beta_1, high=1.0)
+    checks.check_hyperparameter("beta_2", beta_2, high=1.0)
+    amsgrad = _check_bool("amsgrad", amsgrad)
+    return chain(
+        _adam_core(beta_1, beta_2, epsilon, amsgrad, KERAS),
+        _decay(weight_decay),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def keras_adam(
+    learning_rate: ScalarOrSchedule = 0.001,
+    beta_1: Scalar = 0.9,
+    beta_2: Scalar = 0.999,
+    epsilon: Scalar = 1e-7,
+    amsgrad: bool = False,
+    weight_decay: Scalar | None = None,
+    *,
+    name: str | None = None,
+    **unknown: Any,
+) -> GradientTransformation:
+    r"""``keras.optimizers.Adam`` (Keras 3) as a gradient transformation.
+
+    Keras' ``Adam.update_step`` with "epsilon hat" (Kingma & Ba, before §2.1)::
+
+        m ← m + (g - m)·(1-b1);  v ← v + (g² - v)·(1-b2)
+        v ← max(v_hat, v)                           (if amsgrad; raw v)
+        θ ← θ - lr·sqrt(1-b2^t)/(1-b1^t) · m / (sqrt(v) + epsilon)
+
+    A ``weight_decay`` is decoupled, as in :func:`keras_adamw` (Keras applies
+    ``θ ← θ - θ·wd·lr`` in the base optimizer before the step).
+
+    Args:
+        learning_rate: non-negative rate or schedule ``count -> lr``.
+        beta_1, beta_2: moment decays in [0, 1).
+        epsilon: non-negative "epsilon hat", added to ``sqrt(v)``.
+        amsgrad: use the running maximum of ``v``.
+        weight_decay: ``None`` or a non-negative decoupled decay rate.
+        name: ignored (Keras' optimizer name).
+        **unknown: anything else (``clipnorm``, ``use_ema``, ...) raises ``TypeError``.
+
+    Returns:
+        A ``GradientTransformation``.
+
+    Example (the first step moves by about lr; epsilon weighs sqrt(1-b2) more):
+        >>> import jax.numpy as jnp
+        >>> import functional_adam as fa
+        >>> tx = fa.compat.keras_adam(learning_rate=0.1)
+        >>> updates, _ = tx.update(jnp.array([1e-3]), tx.init(jnp.zeros(1)))
+        >>> updates.round(4)  # -0.1 · 1e-3/(1e-3 + 1e-7/sqrt(0.001))
+        Array([-0.0997], dtype=float32)
+    """
+    del name
+    return _keras_chain(
+        "keras_adam", learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay, unknown
+    )
+
+
+def keras_adamw(
+    learning_rate: ScalarOrSchedule = 0.001,
+    weight_decay: Scalar = 0.004,
+    beta_1: Scalar = 0.9,
+    beta_2: Scalar = 0.999,
+    epsilon: Scalar = 1e-7,
+    amsgrad: bool = False,
+    *,
+    name: str | None = None,
+    **unknown: Any,
+) -> GradientTransformation:
+    r"""``keras.optimizers.AdamW`` (Keras 3) as a gradient transformation.
+
+    Keras' base optimizer decays with the learning rate of the current step
+    (``θ ← θ - θ·wd·lr``, ``lr = schedule(iterations)``) and then takes the
+    :func:`keras_adam` step, so ``θ ← θ - lr·wd·θ - lr·sqrt(1-b2^t)/(1-b1^t)·m/(sqrt(v)+eps)``.
+    Argument order and defaults are Keras' (``weight_decay`` second, 0.004).
+
+    Args:
+        learning_rate, beta_1, beta_2, epsilon, amsgrad: as in :func:`keras_adam`.
+        weight_decay: non-negative decoupled decay rate.
+        name: ignored.
+        **unknown: anything else raises ``TypeError`` naming it.
+
+    Returns:
+        A ``GradientTransformation``; its ``update`` needs ``params``.
+
+    Example (zero gradient: only the decay acts, θ·(1 - 0.1·0.5)):
+        >>> import jax.numpy as jnp
+        >>> import functional_adam as fa
+        >>> tx = fa.compat.keras_adamw(learning_rate=0.1, weight_decay=0.5)
+        >>> params = jnp.array([2.0])
+        >>> updates, _ = tx.update(jnp.zeros(1), tx.init(params), params)
+        >>> fa.apply_updates(params, updates)
+        Array([1.9], dtype=float32)
+    """
+    del name
+    return _keras_chain(
+        "keras_adamw", learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay, unknown
+    )
+
+
+def tf1_adam(
+    learning_rate: ScalarOrSchedule = 0.001,
+    beta1: Scalar = 0.9,
+    beta2: Scalar = 0.999,
+    epsilon: Scalar = 1e-8,
+    use_locking: bool = False,
+    name: str = "Adam",
+    **unknown: Any,
+) -> GradientTransformation:
+    r"""``tf.compat.v1.train.AdamOptimizer`` as a gradient transformation.
+
+    TF1's documented update ("epsilon hat", Kingma & Ba before §2.1)::
+
+        lr_t = lr·sqrt(1-b2^t)/(1-b1^t)
+        m ← b1·m + (1-b1)·g;  v ← b2·v + (1-b2)·g²
+        θ ← θ - lr_t · m / (sqrt(v) + epsilon)
+
+    the Keras convention with TF1's default ``epsilon=1e-8`` (no AMSGrad, no
+    weight decay). ``use_locking`` and ``name`` are accepted and ignored.
+
+    Args:
+        learning_rate: non-negative rate or schedule ``count -> lr``.
+        beta1, beta2: moment decays in [0, 1).
+        epsilon: non-negative "epsilon hat".
+        use_locking, name: ignored.
+        **unknown: anything else raises ``TypeError`` naming it.
+
+    Returns:
+        A ``GradientTransformation``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import functional_adam as fa
+        >>> tx = fa.compat.tf1_adam(learning_rate=0.1)
+        >>> updates, _ = tx.update(jnp.array([2.0]), tx.init(jnp.zeros(1)))
+        >>> round(float(updates[0]), 5)
+        -0.1
+    """
+    del use_locking, name
+    _reject_unknown("tf1_adam", unknown)
+    _check_common("learning_rate", learning_rate, "epsilon", epsilon, None)
+    checks.check_hyperparameter("beta1", beta1, high=1.0)
+    checks.check_hyperparameter("beta2", beta2, high=1.0)
+    return chain(
+        _adam_core(beta1, beta2, epsilon, False, TF1),
+        identity(),
+        scale_by_learning_rate(learning_rate),
+    )

@@ -1,0 +1,303 @@
+r"""Convert Adam states between ``torch.optim.Adam``/``AdamW`` and functional_adam.
+
+A run can stop in PyTorch and go on here with :func:`~functional_adam.compat.torch_adam`
+(or ``torch_adamw``), and back, on the same trajectory.
+
+**Order.** PyTorch numbers its parameters 0, 1, ... in the order of its
+``param_groups`` (for one group: the order of ``model.parameters()``).
+Parameter ``i`` is the ``i``-th leaf of ``jax.tree.leaves(params)``. JAX sorts
+dict keys, so build ``params`` as a list (or with keys that sort in PyTorch's
+order) and keep torch's shapes (a ``Linear`` weight is ``(out, in)``).
+
+**Fields.** ``exp_avg ↔ mu``, ``exp_avg_sq ↔ nu``, ``max_exp_avg_sq ↔ nu_max``
+(the maximum over the raw second moment: the PyTorch convention), and
+``step ↔ count``. PyTorch keeps a step per parameter; here there is one count,
+so the steps must agree. Complex parameters are refused: PyTorch's complex
+Adam keeps separate second moments for the real and imaginary parts.
+
+The module does not import torch until :func:`to_torch_state` is called;
+:func:`from_torch_state` reads anything ``numpy.asarray`` can (tensors too).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from functional_adam.adam import scale_by_adam, scale_by_amsgrad
+from functional_adam.base import GradientTransformation, OptState, Params
+
+_ADAM_FIELDS = (("count", "mu", "nu"), ("count", "mu", "nu", "nu_max"))
+_TORCH_KEYS = {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"}
+
+
+def _is_adam_state(x: Any) -> bool:
+    return isinstance(x, tuple) and getattr(x, "_fields", None) in _ADAM_FIELDS
+
+
+def _is_counter_state(x: Any) -> bool:
+    return isinstance(x, tuple) and getattr(x, "_fields", None) == ("count",)
+
+
+def _find_adam_state(state: OptState) -> Any:
+    """The one ``(count, mu, nu[, nu_max])`` NamedTuple inside ``state`` (or ``state`` itself)."""
+    found = [x for x in jax.tree.leaves(state, is_leaf=_is_adam_state) if _is_adam_state(x)]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected exactly one Adam state (a NamedTuple with fields count, mu, nu[, nu_max]) "
+            f"in the optimizer state, found {len(found)}."
+        )
+    return found[0]
+
+
+def _named_leaves(params: Params) -> list[tuple[str, Any]]:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    named = [(f"params{jax.tree_util.keystr(path)}", leaf) for path, leaf in flat]
+    for name, leaf in named:
+        if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+            raise ValueError(
+                f"{name} is complex: PyTorch's complex Adam keeps separate second moments for "
+                "the real and imaginary parts, which this state cannot hold."
+            )
+    return named
+
+
+def _torch_ids(param_groups: Any, n_leaves: int) -> list[Any]:
+    """The torch parameter ids in order, checked against the number of leaves."""
+    if not isinstance(param_groups, Sequence) or not all(
+        isinstance(g, Mapping) and "params" in g for g in param_groups
+    ):
+        raise ValueError(
+            "param_groups must be a list of dicts with a 'params' key, as in "
+            "optimizer.state_dict()['param_groups']."
+        )
+    ids = [i for group in param_groups for i in group["params"]]
+    if len(ids) != n_leaves:
+        raise ValueError(
+            f"the torch optimizer has {len(ids)} parameters (in {len(param_groups)} param "
+            f"groups) but params has {n_leaves} leaves; parameter i must be the i-th leaf of "
+            "jax.tree.leaves(params)."
+        )
+    return ids
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; numpy has no bfloat16, so widen it
+        value = value.detach().cpu()
+        if not value.dtype.is_complex:
+            value = value.float() if value.dtype.itemsize < 4 else value
+    return np.asarray(value)
+
+
+def _read_entry(entry: Mapping, key: str, i: int, name: str, shape: tuple) -> np.ndarray:
+    if key not in entry:
+        raise ValueError(
+            f"the torch state of parameter {i} ({name}) has no {key!r} (it has "
+            f"{sorted(entry)}); was the optimizer an Adam/AdamW with these options?"
+        )
+    array = _to_numpy(entry[key])
+    if array.shape != tuple(shape):
+        raise ValueError(
+            f"{key} of torch parameter {i} has shape {array.shape} but {name} has shape "
+            f"{tuple(shape)}; parameter i must be the i-th leaf of jax.tree.leaves(params)."
+        )
+    return array
+
+
+def _torch_amsgrad(groups: Sequence[Mapping], entries: list[Mapping | None]) -> bool:
+    flags = {bool(g["amsgrad"]) for g in groups if "amsgrad" in g}
+    if len(flags) > 1:
+        raise ValueError("the torch param_groups disagree on amsgrad; convert them separately.")
+    if flags:
+        return flags.pop()
+    return any(e is not None and "max_exp_avg_sq" in e for e in entries)
+
+
+def _common_step(entries: list[Mapping | None], named: list[tuple[str, Any]]) -> int:
+    steps = {}
+    for i, ((name, _), entry) in enumerate(zip(named, entries, strict=True)):
+        if entry is None or "step" not in entry:
+            raise ValueError(
+                f"the torch state of parameter {i} ({name}) has no 'step' while other "
+                "parameters have one: every parameter must have been stepped equally often."
+            )
+        steps[name] = float(_to_numpy(entry["step"]))
+    if len(set(steps.values())) > 1:
+        raise ValueError(
+            f"the torch parameters were stepped unequally often ({steps}); functional_adam "
+            "keeps one step count for the tree."
+        )
+    step = next(iter(steps.values()))
+    if step != int(step) or not 0 <= step < 2**31:
+        raise ValueError(f"torch step {step} is not a count in [0, 2**31).")
+    return int(step)
+
+
+def from_torch_state(
+    optimizer_state_dict: Mapping[str, Any],
+    params: Params,
+    tx: GradientTransformation | None = None,
+) -> OptState:
+    r"""Reads ``torch.optim.Adam``/``AdamW``'s ``state_dict()`` into a functional_adam state.
+
+    Parameter ``i`` of PyTorch is the ``i``-th leaf of ``jax.tree.leaves(params)``
+    (see the module docstring); ``exp_avg, exp_avg_sq, max_exp_avg_sq, step``
+    become ``mu, nu, nu_max, count``.
+
+    Args:
+        optimizer_state_dict: ``optimizer.state_dict()`` of a torch Adam or AdamW
+            (tensors or anything ``numpy.asarray`` reads).
+        params: the parameters (arrays or ``jax.ShapeDtypeStruct``), in PyTorch's order.
+        tx: the transformation to continue with, e.g. ``compat.torch_adam(...)``.
+            If given, returns ``tx.init(params)`` with its Adam state replaced and
+            every other step counter (learning-rate or weight-decay schedule) set
+            to the torch step; if ``None``, returns the Adam state alone
+            (:class:`ScaleByAdamState`, or :class:`ScaleByAmsgradState` for amsgrad).
+
+    Returns:
+        The state, moments in the dtypes ``tx.init`` (or the params) give them.
+
+    Raises:
+        ValueError: naming the parameter (index and path) whose shape, keys or step
+            do not match, or when the numbers of parameters differ.
+
+    Example:
+        >>> import numpy as np, jax.numpy as jnp
+        >>> saved = {"state": {0: {"step": 3.0, "exp_avg": np.ones(2), "exp_avg_sq": np.ones(2)}},
+        ...          "param_groups": [{"params": [0], "amsgrad": False}]}
+        >>> state = from_torch_state(saved, [jnp.zeros(2)])
+        >>> int(state.count), state.mu
+        (3, [Array([1., 1.], dtype=float32)])
+    """
+    if not isinstance(optimizer_state_dict, Mapping) or not {"state", "param_groups"} <= set(
+        optimizer_state_dict
+    ):
+        raise ValueError(
+            "optimizer_state_dict must be a torch optimizer's state_dict(): a dict with "
+            "'state' and 'param_groups'."
+        )
+    named = _named_leaves(params)
+    groups = optimizer_state_dict["param_groups"]
+    ids = _torch_ids(groups, len(named))
+    entries = [optimizer_state_dict["state"].get(i) or None for i in ids]
+    amsgrad = _torch_amsgrad(groups, entries)
+    full = (tx or (scale_by_amsgrad() if amsgrad else scale_by_adam())).init(params)
+    template = _find_adam_state(full)
+    if (len(template) == 4) != amsgrad:
+        raise ValueError(
+            f"the torch optimizer has amsgrad={amsgrad} but tx's state "
+            f"{'has' if len(template) == 4 else 'has no'} nu_max: build tx with amsgrad={amsgrad}."
+        )
+    if all(e is None for e in entries):
+        return full if tx is not None else template
+    step = _common_step(entries, named)
+    treedef = jax.tree.structure(params)
+    fields = {}
+    for field in template._fields[1:]:
+        likes = treedef.flatten_up_to(getattr(template, field))
+        arrays = [
+            jnp.asarray(_read_entry(e, _TORCH_KEYS[field], i, name, leaf.shape), like.dtype)
+            for i, ((name, leaf), e, like) in enumerate(zip(named, entries, likes, strict=True))
+        ]
+        fields[field] = treedef.unflatten(arrays)
+    count = jnp.asarray(step, template.count.dtype)
+    adam_state = type(template)(count=count, **fields)
+    if tx is None:
+        return adam_state
+
+    def replace(x):
+        if _is_adam_state(x):
+            return adam_state
+        if _is_counter_state(x):
+            return type(x)(count=jnp.asarray(step, x.count.dtype))
+        return x
+
+    return jax.tree.map(replace, full, is_leaf=lambda x: _is_adam_state(x) or _is_counter_state(x))
+
+
+def _to_tensor(array: jax.Array) -> Any:
+    import torch  # only here: torch is not a dependency of the core
+
+    array = np.asarray(array)
+    if array.dtype == jnp.bfloat16:  # numpy cannot hand bfloat16 to torch
+        return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(array.copy())
+
+
+def to_torch_state(
+    state: OptState, params: Params, param_groups: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    r"""Writes a functional_adam Adam state as a ``torch.optim.Adam``/``AdamW`` ``state_dict``.
+
+    The inverse of :func:`from_torch_state`: ``mu, nu, nu_max, count`` become
+    ``exp_avg, exp_avg_sq, max_exp_avg_sq, step`` of torch parameter ``i`` = the
+    ``i``-th leaf of ``jax.tree.leaves(params)``. Load the result with
+    ``optimizer.load_state_dict(...)``.
+
+    Args:
+        state: the state of ``compat.torch_adam``/``torch_adamw`` (or the
+            :class:`ScaleByAdamState`/:class:`ScaleByAmsgradState` inside it).
+        params: the parameters, in PyTorch's order.
+        param_groups: ``optimizer.state_dict()["param_groups"]`` of the torch
+            optimizer that will load the result; copied into it, since
+            ``load_state_dict`` takes the hyperparameters from there.
+
+    Returns:
+        ``{"state": {i: {"step", "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}},
+        "param_groups": ...}`` with torch tensors (``"state"`` is empty at count 0).
+
+    Raises:
+        ValueError: naming the leaf whose shape differs, or when the state and
+            ``param_groups`` disagree on the number of parameters or on amsgrad.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from functional_adam import compat
+        >>> params = [jnp.zeros(2)]
+        >>> tx = compat.torch_adam(lr=0.1)
+        >>> _, state = tx.update([jnp.ones(2)], tx.init(params), params)
+        >>> saved = to_torch_state(state, params, [{"params": [0], "amsgrad": False}])
+        >>> saved["state"][0]["step"], saved["state"][0]["exp_avg"]
+        (tensor(1.), tensor([0.1000, 0.1000]))
+    """
+    adam_state = _find_adam_state(state)
+    named = _named_leaves(params)
+    ids = _torch_ids(param_groups, len(named))
+    amsgrad = len(adam_state) == 4
+    flags = {bool(g["amsgrad"]) for g in param_groups if "amsgrad" in g}
+    if flags and flags != {amsgrad}:
+        raise ValueError(
+            f"the state {'has' if amsgrad else 'has no'} nu_max but the torch param_groups say "
+            f"amsgrad={flags.pop()}."
+        )
+    treedef = jax.tree.structure(params)
+    leaves = {}
+    for field in adam_state._fields[1:]:
+        try:
+            leaves[field] = treedef.flatten_up_to(getattr(adam_state, field))
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"state.{field} does not have the structure of params: {err}"
+            ) from None
+        for (name, leaf), moment in zip(named, leaves[field], strict=True):
+            if tuple(moment.shape) != tuple(leaf.shape):
+                raise ValueError(
+                    f"state.{field} at {name} has shape {tuple(moment.shape)} but the parameter "
+                    f"has shape {tuple(leaf.shape)}."
+                )
+    import torch
+
+    step = int(adam_state.count)
+    torch_state = {}
+    if step > 0:
+        for j, i in enumerate(ids):
+            entry = {"step": torch.tensor(float(step), dtype=torch.float32)}
+            for field in adam_state._fields[1:]:
+                entry[_TORCH_KEYS[field]] = _to_tensor(leaves[field][j])
+            torch_state[i] = entry
+    return {"state": torch_state, "param_groups": copy.deepcopy(list(param_groups))}
