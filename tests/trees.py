@@ -1,0 +1,41 @@
+"""Parameter trees and gradient streams shared by the tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def mixed_tree(dtype) -> dict:
+    """Nested dicts, lists and tuples of scalars, vectors, matrices, a zero-size array and None."""
+    rng = np.random.default_rng(0)
+
+    def arr(*shape):
+        x = rng.normal(size=shape)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            x = x + 1j * rng.normal(size=shape)
+        return jnp.asarray(x, dtype)
+
+    return {
+        "dense": {"w": arr(4, 3), "b": arr(3)},
+        "layers": [arr(5), (arr(), arr(2, 2, 2)), None],
+        "empty": arr(0, 3),
+        "frozen": None,
+    }
+
+
+def gradient_stream(params, steps: int, seed: int = 1, scale: float = 1.0):
+    """A list of ``steps`` random gradient trees shaped like ``params`` (None kept)."""
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(seed)
+    stream = []
+    for _ in range(steps):
+        grads = []
+        for p in leaves:
+            g = rng.normal(size=p.shape) * scale
+            if jnp.issubdtype(p.dtype, jnp.complexfloating):
+                g = g + 1j * rng.normal(size=p.shape) * scale
+            grads.append(jnp.asarray(g, p.dtype))
+        stream.append(treedef.unflatten(grads))
+    return stream
