@@ -63,14 +63,13 @@ def init_params(
       :func:`apply` runs the model on them.
     """
     graphdef, state = nnx.split(MLP(hidden=hidden, rngs=nnx.Rngs(seed)))
-    params = jax.tree.map(lambda p: p.astype(param_dtype), state.to_pure_dict())
+    params = jax.tree.map(lambda p: p.astype(param_dtype), nnx.to_pure_dict(state))
     return graphdef, params
 
 
 def apply(graphdef: nnx.GraphDef, params: dict, x: jax.Array) -> jax.Array:
     """Runs the MLP given by ``graphdef`` with ``params`` (a pure dict) on ``x``."""
-    state = nnx.State(jax.tree.map(lambda v: v, params))
-    return nnx.merge(graphdef, state)(x)
+    return nnx.merge(graphdef, params)(x)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

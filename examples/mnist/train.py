@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import platform
 import time
@@ -156,7 +157,11 @@ def make_optimizer(config: Config) -> fa.GradientTransformation:
             f"optimizer must be one of {sorted(table)} (what functional_adam exports), "
             f"got {config.optimizer!r}"
         )
-    return table[config.optimizer](learning_rate=config.learning_rate)
+    constructor = table[config.optimizer]
+    # Optax-style constructors take ``learning_rate``; PyTorch-style ones (compat) take ``lr``.
+    names = inspect.signature(constructor).parameters
+    key = "learning_rate" if "learning_rate" in names or "lr" not in names else "lr"
+    return constructor(**{key: config.learning_rate})
 
 
 def make_step(graphdef, tx, param_dtype) -> Callable:

@@ -1,0 +1,166 @@
+"""The MNIST MLP example end to end: accuracy, outputs, resume, Optax equivalence, CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from mnist.checkpoint import CheckpointError
+from mnist.train import Config, ConfigError, make_optimizer, optimizer_table, train
+
+import functional_adam as fa
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def leaves_equal(a, b) -> None:
+    """Asserts two pytrees have the same structure and bit-identical leaves."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_one_epoch_on_mnist_reaches_90_percent_and_writes_outputs(mnist, tmp_path):
+    config = Config(epochs=1, output_dir=str(tmp_path), progress=False)
+    result = train(config, mnist, log=None)
+    (row,) = result.history
+    assert row["test_accuracy"] > 0.90
+    assert row["step"] == 60000 // 64
+    assert len(result.step_losses) == 60000 // 64
+    assert result.step_losses[-100:].mean() < result.step_losses[:100].mean() / 3
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["optimizer"] == "adam"
+    assert metrics["config"]["batch_size"] == 64
+    assert metrics["epochs"][0]["test_accuracy"] == row["test_accuracy"]
+    assert metrics["epochs"][0]["train_loss"] == pytest.approx(float(result.step_losses.mean()))
+    assert metrics["compile_seconds"] > 0 and metrics["epochs"][0]["epoch_seconds"] > 0
+    assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+SMALL = {"hidden": (32,), "train_subset": 1024, "test_subset": 256, "progress": False}
+
+
+def test_resume_is_bit_identical_to_training_straight(mnist, tmp_path):
+    straight = train(Config(epochs=2, checkpoint_dir=str(tmp_path / "a"), **SMALL), mnist, log=None)
+
+    first = Config(epochs=1, checkpoint_dir=str(tmp_path / "b"), **SMALL)
+    train(first, mnist, log=None)
+    resumed = train(
+        Config(epochs=2, checkpoint_dir=str(tmp_path / "b"), resume=True, **SMALL), mnist, log=None
+    )
+
+    leaves_equal(straight.params, resumed.params)
+    leaves_equal(straight.opt_state, resumed.opt_state)
+    assert int(resumed.opt_state[0].count) == 2 * (1024 // 64)
+    # the resumed call ran only epoch 2, on the same shuffle as the straight run's epoch 2
+    np.testing.assert_array_equal(resumed.step_losses, straight.step_losses[1024 // 64 :])
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert resumed.history[1]["train_loss"] == straight.history[1]["train_loss"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.isdigit()) == ["1", "2"]
+
+
+def test_checkpoints_are_not_overwritten_or_mixed(mnist, tmp_path):
+    directory = str(tmp_path / "c")
+    train(Config(epochs=1, checkpoint_dir=directory, **SMALL), mnist, log=None)
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints.*--resume"):
+        train(Config(epochs=2, checkpoint_dir=directory, **SMALL), mnist, log=None)
+    other = Config(epochs=2, checkpoint_dir=directory, resume=True, learning_rate=1e-2, **SMALL)
+    with pytest.raises(CheckpointError, match=r"learning_rate: checkpoint 0.001, now 0.01"):
+        train(other, mnist, log=None)
+
+
+def test_same_as_optax_adam_for_300_steps(mnist):
+    """functional_adam.adam and optax.adam, same init and batches, same jitted step."""
+    config = Config(epochs=1, train_subset=300 * 64, test_subset=1000, progress=False)
+    ours = train(config, mnist, tx=fa.adam(1e-3), log=None)
+    theirs = train(config, mnist, tx=optax.adam(1e-3), log=None)
+    assert len(ours.step_losses) == 300
+    # Observed: bitwise equal under jit in float32 (the library's documented promise).
+    np.testing.assert_array_equal(ours.step_losses, theirs.step_losses)
+    leaves_equal(ours.params, theirs.params)
+    leaves_equal(ours.opt_state[0].mu, theirs.opt_state[0].mu)
+    leaves_equal(ours.opt_state[0].nu, theirs.opt_state[0].nu)
+    assert int(ours.opt_state[0].count) == int(theirs.opt_state[0].count) == 300
+
+
+def test_scan_loop_matches_step_loop(mnist):
+    config = Config(epochs=1, **SMALL)
+    step = train(config, mnist, log=None)
+    scan = train(Config(epochs=1, loop="scan", **SMALL), mnist, log=None)
+    np.testing.assert_allclose(scan.step_losses, step.step_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(scan.params), jax.tree.leaves(step.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_params_stay_bfloat16_and_learn(mnist):
+    result = train(Config(epochs=2, param_dtype="bfloat16", **SMALL), mnist, log=None)
+    assert {leaf.dtype for leaf in jax.tree.leaves(result.params)} == {jnp.dtype(jnp.bfloat16)}
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.history[-1]["test_accuracy"] > 0.5
+
+
+def test_optimizer_table_builds_every_entry():
+    table = optimizer_table()
+    assert {"adam", "adamw", "amsgrad", "nadam", "nadamw"} <= set(table)
+    params = {"w": jnp.ones(3)}
+    for name in table:
+        tx = make_optimizer(Config(optimizer=name, learning_rate=1e-3))
+        updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+        assert jnp.all(updates["w"] < 0), name
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epochs", 0), ("batch_size", -1), ("learning_rate", 0.0), ("optimizer", "sgd")],
+)
+def test_bad_config_names_the_field(mnist, field, value):
+    with pytest.raises(ConfigError, match=field):
+        train(Config(**{**SMALL, field: value}), mnist, log=None)
+
+
+def test_batch_larger_than_data_names_it(mnist):
+    with pytest.raises(ConfigError, match="batch_size 2048 exceeds the 1024"):
+        train(Config(batch_size=2048, **SMALL), mnist, log=None)
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "mnist_mlp.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+
+
+def test_cli_help():
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    for flag in [
+        "--epochs",
+        "--batch-size",
+        "--learning-rate",
+        "--optimizer",
+        "--seed",
+        "--data-dir",
+        "--checkpoint-dir",
+        "--resume",
+        "--output-dir",
+        "--param-dtype",
+    ]:
+        assert flag in proc.stdout
+    assert "adamw" in proc.stdout and "bfloat16" in proc.stdout
+
+
+def test_cli_rejects_bad_values_by_name():
+    proc = run_cli("--epochs", "0")
+    assert proc.returncode == 2
+    assert "--epochs" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("--optimizer", "sgd")
+    assert proc.returncode == 2 and "--optimizer" in proc.stderr
