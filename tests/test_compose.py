@@ -110,7 +110,8 @@ def test_vmap_over_independent_optimizers(name):
         s, single = tx.init(p), jax.jit(_step_fn(tx))
         for _ in range(20):
             p, s, _ = single(p, s, xi, yi)
-        chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], params), p, rtol=1e-5, atol=1e-7)
+        row = jax.tree.map(lambda a, i=i: a[i], params)
+        chex.assert_trees_all_close(row, p, rtol=1e-5, atol=1e-7)
 
 
 def test_hypergradient_of_learning_rate():
