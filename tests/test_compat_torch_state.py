@@ -1,0 +1,255 @@
+"""``from_torch_state``/``to_torch_state``: stop a run in PyTorch, go on here, and back.
+
+Each round trip is compared with an uninterrupted PyTorch run of 200 steps on
+the same gradients, to the open-loop bound of ``test_compat_torch`` (relative
+1e-5). The converted state itself must be exact: moments and step are copied,
+not recomputed.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import functional_adam as fa
+from functional_adam import compat
+
+RTOL = 1e-5
+HALF = 100
+
+# PyTorch's parameter i is leaf i of jax.tree.leaves: {"layer": {"bias", "weight"}} sorts bias first.
+SHAPES = [(3,), (3, 4), (5,)]
+
+
+def params_tree(values):
+    return {"layer": {"bias": values[0], "weight": values[1]}, "scale": values[2]}
+
+
+def make_data(steps: int = 2 * HALF, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    p0 = [rng.uniform(1.0, 2.0, s).astype(np.float32) for s in SHAPES]
+    grads = [
+        [
+            (rng.standard_normal(s) * np.geomspace(1.0, 0.1, steps)[t]).astype(np.float32)
+            for s in SHAPES
+        ]
+        for t in range(steps)
+    ]
+    return p0, grads
+
+
+def torch_steps(opt, params, grads, sched=None):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = torch.tensor(g)
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def jax_steps(tx, params, state, grads):
+    @jax.jit
+    def step(params, state, g):
+        updates, state = tx.update(g, state, params)
+        return fa.apply_updates(params, updates), state
+
+    for step_grads in grads:
+        params, state = step(params, state, params_tree([jnp.asarray(g) for g in step_grads]))
+    return params, state
+
+
+def factor(step):
+    return 0.5 ** (step / 50)
+
+
+CASES = {
+    "adam": (torch.optim.Adam, compat.torch_adam, {"lr": 1e-2}),
+    "adam_amsgrad_l2": (
+        torch.optim.Adam,
+        compat.torch_adam,
+        {"lr": 1e-3, "amsgrad": True, "weight_decay": 0.1},
+    ),
+    "adamw_maximize": (torch.optim.AdamW, compat.torch_adamw, {"lr": 1e-2, "maximize": True}),
+}
+
+
+def reference(cls, kwargs, p0, grads, schedule=False):
+    params = [torch.nn.Parameter(torch.tensor(p)) for p in p0]
+    opt = cls(params, **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor) if schedule else None
+    torch_steps(opt, params, grads, sched)
+    return [p.detach().numpy() for p in params]
+
+
+@pytest.mark.parametrize("schedule", [False, True], ids=["constant_lr", "schedule"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_then_here_equals_torch(case, schedule):
+    """100 steps in PyTorch, convert, 100 steps here == 200 steps in PyTorch."""
+    cls, make, kwargs = CASES[case]
+    p0, grads = make_data()
+    params = [torch.nn.Parameter(torch.tensor(p)) for p in p0]
+    opt = cls(params, **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor) if schedule else None
+    torch_steps(opt, params, grads[:HALF], sched)
+
+    jax_params = params_tree([jnp.asarray(p.detach().numpy()) for p in params])
+    lr = (lambda count: kwargs["lr"] * factor(count)) if schedule else kwargs["lr"]
+    tx = make(**{**kwargs, "lr": lr})
+    state = compat.from_torch_state(opt.state_dict(), jax_params, tx)
+    jax_params, _ = jax_steps(tx, jax_params, state, grads[HALF:])
+
+    expected = reference(cls, kwargs, p0, grads, schedule)
+    chex.assert_trees_all_close(
+        jax.tree.leaves(jax_params), expected, rtol=RTOL, atol=0.0, strict=False
+    )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_here_then_torch_equals_torch(case):
+    """100 steps here, ``to_torch_state``, 100 steps in PyTorch == 200 steps in PyTorch."""
+    cls, make, kwargs = CASES[case]
+    p0, grads = make_data()
+    tx = make(**kwargs)
+    jax_params = params_tree([jnp.asarray(p) for p in p0])
+    jax_params, state = jax_steps(tx, jax_params, tx.init(jax_params), grads[:HALF])
+
+    params = [torch.nn.Parameter(torch.tensor(np.asarray(p))) for p in jax.tree.leaves(jax_params)]
+    opt = cls(params, **kwargs)
+    opt.load_state_dict(compat.to_torch_state(state, jax_params, opt.state_dict()["param_groups"]))
+    torch_steps(opt, params, grads[HALF:])
+
+    expected = reference(cls, kwargs, p0, grads)
+    got = [p.detach().numpy() for p in params]
+    chex.assert_trees_all_close(got, expected, rtol=RTOL, atol=0.0)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_state_round_trip_is_exact(amsgrad):
+    p0, grads = make_data(steps=7)
+    params = [torch.nn.Parameter(torch.tensor(p)) for p in p0]
+    opt = torch.optim.Adam(params, lr=1e-2, amsgrad=amsgrad)
+    torch_steps(opt, params, grads)
+    saved = opt.state_dict()
+    jax_params = params_tree([jnp.asarray(p.detach().numpy()) for p in params])
+
+    state = compat.from_torch_state(saved, jax_params)
+    assert isinstance(state, fa.ScaleByAmsgradState if amsgrad else fa.ScaleByAdamState)
+    assert int(state.count) == 7
+    leaves = jax.tree.leaves(state.mu)
+    for i, leaf in enumerate(leaves):
+        np.testing.assert_array_equal(np.asarray(leaf), saved["state"][i]["exp_avg"].numpy())
+
+    back = compat.to_torch_state(state, jax_params, saved["param_groups"])
+    assert back["param_groups"] == saved["param_groups"]
+    for i, entry in saved["state"].items():
+        assert back["state"][i].keys() == entry.keys()
+        for key, value in entry.items():
+            assert back["state"][i][key].dtype == value.dtype, key
+            np.testing.assert_array_equal(back["state"][i][key].numpy(), value.numpy())
+
+
+def test_from_torch_state_sets_schedule_counters():
+    params = [jnp.zeros(2)]
+    saved = {
+        "state": {
+            0: {"step": torch.tensor(42.0), "exp_avg": torch.ones(2), "exp_avg_sq": torch.ones(2)}
+        },
+        "param_groups": [{"params": [0], "amsgrad": False}],
+    }
+    tx = compat.torch_adamw(lr=lambda count: 1e-3 * count, weight_decay=0.1)
+    state = compat.from_torch_state(saved, params, tx)
+    counts = [x for x in jax.tree.leaves(state) if x.shape == () and x.dtype == jnp.int32]
+    assert [int(c) for c in counts] == [42, 42, 42]  # Adam, lr schedule, decay's lr schedule
+
+
+def test_fresh_torch_optimizer_gives_the_initial_state():
+    params = params_tree([jnp.ones(s) for s in SHAPES])
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.ones(s)) for s in SHAPES])
+    tx = compat.torch_adam()
+    chex.assert_trees_all_equal(
+        compat.from_torch_state(opt.state_dict(), params, tx), tx.init(params)
+    )
+    assert (
+        compat.to_torch_state(tx.init(params), params, opt.state_dict()["param_groups"])["state"]
+        == {}
+    )
+
+
+# ---- bad input: errors that name the parameter --------------------------------------------
+
+
+def stepped_state_dict(amsgrad=False):
+    p0, grads = make_data(steps=2)
+    params = [torch.nn.Parameter(torch.tensor(p)) for p in p0]
+    opt = torch.optim.Adam(params, amsgrad=amsgrad)
+    torch_steps(opt, params, grads)
+    return opt.state_dict(), params_tree([jnp.asarray(p) for p in p0])
+
+
+def test_shape_mismatch_names_the_parameter():
+    saved, params = stepped_state_dict()
+    params["layer"]["weight"] = jnp.zeros((4, 3))
+    with pytest.raises(
+        ValueError, match=r"parameter 1 .*\['layer'\]\['weight'\] has shape \(4, 3\)"
+    ):
+        compat.from_torch_state(saved, params)
+
+
+def test_missing_key_names_the_parameter():
+    saved, params = stepped_state_dict()
+    del saved["state"][2]["exp_avg_sq"]
+    with pytest.raises(ValueError, match=r"parameter 2 \(params\['scale'\]\) has no 'exp_avg_sq'"):
+        compat.from_torch_state(saved, params)
+
+
+def test_number_of_parameters_must_match():
+    saved, params = stepped_state_dict()
+    params["extra"] = jnp.zeros(2)
+    with pytest.raises(ValueError, match=r"3 parameters .* params has 4 leaves"):
+        compat.from_torch_state(saved, params)
+
+
+def test_unequal_steps_are_refused():
+    saved, params = stepped_state_dict()
+    saved["state"][1]["step"] = torch.tensor(5.0)
+    with pytest.raises(ValueError, match="stepped unequally often"):
+        compat.from_torch_state(saved, params)
+
+
+def test_amsgrad_mismatch_with_tx_is_refused():
+    saved, params = stepped_state_dict(amsgrad=True)
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        compat.from_torch_state(saved, params, compat.torch_adam())
+
+
+def test_not_a_state_dict_is_refused():
+    with pytest.raises(ValueError, match="state_dict"):
+        compat.from_torch_state({"exp_avg": torch.ones(2)}, [jnp.zeros(2)])
+
+
+def test_complex_parameters_are_refused():
+    saved = {"state": {}, "param_groups": [{"params": [0]}]}
+    with pytest.raises(ValueError, match=r"params\[0\] is complex"):
+        compat.from_torch_state(saved, [jnp.zeros(2, jnp.complex64)])
+
+
+def test_to_torch_state_checks_shapes_and_amsgrad():
+    params = params_tree([jnp.ones(s) for s in SHAPES])
+    tx = compat.torch_adam()
+    state = tx.init(params)
+    groups = [{"params": [0, 1, 2], "amsgrad": False}]
+    wrong = params_tree([jnp.ones((2,)), jnp.ones((3, 4)), jnp.ones((5,))])
+    with pytest.raises(
+        ValueError, match=r"state.mu at params\['layer'\]\['bias'\] has shape \(3,\)"
+    ):
+        compat.to_torch_state(state, wrong, groups)
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        compat.to_torch_state(state, params, [{"params": [0, 1, 2], "amsgrad": True}])
+    with pytest.raises(ValueError, match="2 parameters"):
+        compat.to_torch_state(state, params, [{"params": [0, 1]}])
+    with pytest.raises(ValueError, match="exactly one Adam state"):
+        compat.to_torch_state((), params, groups)
