@@ -30,6 +30,12 @@ from functional_adam.learning_rate import (
     scale_by_learning_rate,
     scale_by_schedule,
 )
+from functional_adam.quantized_adam import (
+    ScaleByAdam8bitState,
+    adam_8bit,
+    adamw_8bit,
+    scale_by_adam_8bit,
+)
 from functional_adam.tree import safe_increment
 from functional_adam.weight_decay import WeightDecaySchedule, add_decayed_weights
 
@@ -41,6 +47,7 @@ __all__ = [
     "GradientTransformation",
     "OptState",
     "Params",
+    "ScaleByAdam8bitState",
     "ScaleByAdamState",
     "ScaleByAmsgradState",
     "ScaleByScheduleState",
@@ -48,8 +55,10 @@ __all__ = [
     "Updates",
     "WeightDecaySchedule",
     "adam",
+    "adam_8bit",
     "adam_leaf",
     "adamw",
+    "adamw_8bit",
     "add_decayed_weights",
     "amsgrad",
     "apply_updates",
@@ -61,6 +70,7 @@ __all__ = [
     "safe_increment",
     "scale",
     "scale_by_adam",
+    "scale_by_adam_8bit",
     "scale_by_amsgrad",
     "scale_by_learning_rate",
     "scale_by_schedule",

@@ -34,6 +34,7 @@ from functional_adam.tree import (
     compute_dtype,
     real_dtype,
     safe_increment,
+    saturating_cast,
     zero_count,
     zeros_like_moment,
 )
@@ -208,15 +209,16 @@ def _scale_by_adam_family(
             for g, m, v, vm in zip(g_leaves, m_leaves, v_leaves, vmax_leaves, strict=True)
         ]
 
-        def rebuild(index, like):
+        def rebuild(index, like, cast=lambda r, x: r.astype(x.dtype)):
             return treedef.unflatten(
-                [r[index].astype(x.dtype) for r, x in zip(results, like, strict=True)]
+                [cast(r[index], x) for r, x in zip(results, like, strict=True)]
             )
 
         new_updates = rebuild(0, g_leaves)
-        mu, nu = rebuild(1, m_leaves), rebuild(2, v_leaves)
+        mu, nu = rebuild(1, m_leaves), rebuild(2, v_leaves, saturating_cast)
         if amsgrad:
-            return new_updates, ScaleByAmsgradState(count_inc, mu, nu, rebuild(3, vmax_leaves))
+            nu_max = rebuild(3, vmax_leaves, saturating_cast)
+            return new_updates, ScaleByAmsgradState(count_inc, mu, nu, nu_max)
         return new_updates, ScaleByAdamState(count_inc, mu, nu)
 
     return GradientTransformation(init, update)

@@ -64,8 +64,10 @@ def check_hyperparameter(
         if allow_schedule:
             return
         raise TypeError(f"{name} must be a number or an array, got the callable {value!r}")
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got the bool {value!r}")
+    if isinstance(value, bool) or not isinstance(
+        value, int | float | np.number | np.ndarray | jax.Array
+    ):
+        raise TypeError(f"{name} must be a number or an array, got {value!r}")
     try:
         values = concrete_values(value)
     except TypeError as err:

@@ -21,6 +21,23 @@ def safe_increment(count: jax.Array) -> jax.Array:
     return jnp.where(count < top, count + jnp.array(1, count.dtype), top)
 
 
+def saturating_cast(second_moment: jax.Array, like: jax.Array) -> jax.Array:
+    """A non-negative second moment cast to ``like``'s dtype, capped at its largest finite value.
+
+    A gradient whose square overflows (or a float16 state that cannot hold
+    ``v``) would otherwise store ``inf``, which NAdam's look-ahead or a huge
+    first moment turns into ``inf/inf = NaN``. Finite values are unchanged, so
+    results stay bitwise Optax's.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> saturating_cast(jnp.array([1.0, 1e6, jnp.inf]), jnp.zeros(3, jnp.float16))
+        Array([1.00e+00, 6.55e+04, 6.55e+04], dtype=float16)
+    """
+    top = jnp.finfo(like.dtype).max
+    return jnp.minimum(second_moment, jnp.asarray(top, second_moment.dtype)).astype(like.dtype)
+
+
 def zero_count() -> jax.Array:
     """The int32 step counter at step 0."""
     return jnp.zeros([], jnp.int32)
