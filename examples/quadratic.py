@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import functional_adam as fa
+from functional_adam.adam import bias_corrections
 
 
 def loss(x: jax.Array) -> jax.Array:
@@ -31,15 +32,16 @@ def trace(lr: float, x0: float = 5.0, steps: int = 5) -> list[dict[str, float]]:
         updates, state = tx.update(g, state, x)
         x = fa.apply_updates(x, updates)
         adam_state = state[0]
-        m, v = float(adam_state.mu), float(adam_state.nu)
+        bc = bias_corrections(0.9, 0.999, adam_state.count)  # 1 - b1^t, 1 - b2^t
+        m, v = adam_state.mu, adam_state.nu
         rows.append(
             {
                 "t": t,
                 "g": float(g),
-                "m": m,
-                "v": v,
-                "m_hat": m / (1 - 0.9**t),
-                "v_hat": v / (1 - 0.999**t),
+                "m": float(m),
+                "v": float(v),
+                "m_hat": float(m / bc.mu),
+                "v_hat": float(v / bc.nu),
                 "x": float(x),
             }
         )
