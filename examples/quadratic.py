@@ -21,10 +21,21 @@ def loss(x: jax.Array) -> jax.Array:
     return x**2
 
 
-def trace(lr: float, x0: float = 5.0, steps: int = 5) -> list[dict[str, float]]:
-    """The first ``steps`` Adam steps on x²: one dict of g, m, v, m_hat, v_hat, x per step."""
+def trace(
+    lr: float, x0: float = 5.0, steps: int = 5, dtype: str = "float64"
+) -> list[dict[str, float]]:
+    """The first ``steps`` Adam steps on x²: one dict of g, m, v, m_hat, v_hat, x per step.
+
+    In float64 by default, so the printed values are the exact arithmetic of the
+    README (in float32, ``1 - 0.999`` is 0.0010000467 and v̂1 prints as 100.0013).
+    """
+    with jax.enable_x64(dtype == "float64"):
+        return _trace(lr, x0, steps, jnp.dtype(dtype))
+
+
+def _trace(lr, x0, steps, dtype):
     tx = fa.adam(learning_rate=lr)
-    x = jnp.asarray(x0, jnp.float32)
+    x = jnp.asarray(x0, dtype)
     state = tx.init(x)
     rows = []
     for t in range(1, steps + 1):
@@ -71,6 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--x0", type=float, default=5.0, help="starting point (default 5)")
     parser.add_argument("--steps", type=int, default=5, help="steps to print (default 5)")
     parser.add_argument(
+        "--dtype",
+        choices=["float64", "float32"],
+        default="float64",
+        help="precision of the printed steps (default float64: the exact arithmetic)",
+    )
+    parser.add_argument(
         "--lrs",
         type=float,
         nargs="+",
@@ -83,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Adam on f(x) = x^2 from x0 = {args.x0}, lr = {args.lrs[0]}, b1 = 0.9, b2 = 0.999, eps = 1e-8"
     )
     print(f"{'t':>3} {'g':>12} {'m':>12} {'v':>12} {'m_hat':>12} {'v_hat':>12} {'x':>12}")
-    for r in trace(args.lrs[0], args.x0, args.steps):
+    for r in trace(args.lrs[0], args.x0, args.steps, args.dtype):
         print(
             f"{r['t']:>3} {r['g']:>12.6f} {r['m']:>12.6f} {r['v']:>12.6f} "
             f"{r['m_hat']:>12.6f} {r['v_hat']:>12.6f} {r['x']:>12.6f}"
