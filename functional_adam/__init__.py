@@ -3,7 +3,7 @@
 Interchangeable with Optax in both directions; see README.md.
 """
 
-from functional_adam import conventions
+from functional_adam import compat, conventions
 from functional_adam.adam import (
     ScaleByAdamState,
     ScaleByAmsgradState,
@@ -36,6 +36,7 @@ from functional_adam.quantized_adam import (
     adamw_8bit,
     scale_by_adam_8bit,
 )
+from functional_adam.torch_state import from_torch_state, to_torch_state
 from functional_adam.tree import safe_increment
 from functional_adam.weight_decay import WeightDecaySchedule, add_decayed_weights
 
@@ -63,7 +64,9 @@ __all__ = [
     "amsgrad",
     "apply_updates",
     "chain",
+    "compat",
     "conventions",
+    "from_torch_state",
     "identity",
     "nadam",
     "nadamw",
@@ -74,4 +77,5 @@ __all__ = [
     "scale_by_amsgrad",
     "scale_by_learning_rate",
     "scale_by_schedule",
+    "to_torch_state",
 ]

@@ -41,16 +41,12 @@ convert with :func:`from_torch_state` and :func:`to_torch_state`.
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from functional_adam import checks
+from functional_adam import checks, compat_args
 from functional_adam.adam import scale_by_adam, scale_by_amsgrad
 from functional_adam.base import (
     EmptyState,
@@ -78,15 +74,6 @@ __all__ = [
 ]
 
 Scalar = float | jax.Array
-
-# Options of the other framework that only pick an implementation or a name: accepted, no effect.
-_TORCH_IGNORED = ("foreach", "capturable", "differentiable", "fused")
-_HINTS = {
-    "global_clipnorm": "chain optax.clip_by_global_norm(...) before it",
-    "clipvalue": "chain optax.clip(...) before it",
-    "gradient_accumulation_steps": "wrap it in optax.MultiSteps(...)",
-    "params": "give the parameters to init(params), not to the constructor",
-}
 
 
 def negate() -> GradientTransformation:
@@ -159,66 +146,6 @@ def torch_decoupled_weight_decay(
     return GradientTransformation(init, update)
 
 
-def _reject_unknown_options(constructor: Callable[..., GradientTransformation]):
-    """Wraps ``constructor`` so that all unexpected keyword arguments are named in one ``TypeError``.
-
-    The wrapper keeps the explicit signature (``inspect.signature`` follows
-    ``__wrapped__``), which ``optax.inject_hyperparams`` reads.
-    """
-    known = set(inspect.signature(constructor).parameters)
-
-    @functools.wraps(constructor)
-    def wrapper(*args: Any, **kwargs: Any) -> GradientTransformation:
-        _reject_unknown(constructor.__name__, [k for k in kwargs if k not in known])
-        return constructor(*args, **kwargs)
-
-    return wrapper
-
-
-def _reject_unknown(fn_name: str, unknown: list[str]) -> None:
-    """Raises ``TypeError`` naming every unexpected keyword argument (with a hint where one helps)."""
-    if not unknown:
-        return
-    names = ", ".join(repr(k) for k in sorted(unknown))
-    hints = "; ".join(f"for {k!r}, {_HINTS[k]}" for k in sorted(unknown) if k in _HINTS)
-    raise TypeError(
-        f"{fn_name}() got unexpected keyword argument(s) {names}"
-        + (f" ({hints})" if hints else "")
-        + ". See help(functional_adam.compat) for the supported options."
-    )
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
-    return bool(value)
-
-
-def _check_pair(name: str, value: Any) -> tuple[Scalar, Scalar]:
-    if not isinstance(value, tuple | list):
-        raise TypeError(f"{name} must be a pair (beta1, beta2), got {value!r}")
-    if len(value) != 2:
-        raise ValueError(
-            f"{name} must be a pair (beta1, beta2), got {len(value)} values: {value!r}"
-        )
-    for i, beta in enumerate(value):
-        checks.check_hyperparameter(f"{name}[{i}]", beta, high=1.0)
-    return value[0], value[1]
-
-
-def _is_zero(value: Any) -> bool:
-    """True for a concrete 0 (so the decay can be left out); traced values count as non-zero."""
-    concrete = checks.concrete_values(value)
-    return concrete is not None and concrete.size == 1 and float(concrete) == 0.0
-
-
-def _check_common(lr_name: str, lr: Any, eps_name: str, eps: Any, weight_decay: Any) -> None:
-    checks.check_hyperparameter(lr_name, lr, allow_schedule=True)
-    checks.check_hyperparameter(eps_name, eps)
-    if weight_decay is not None:
-        checks.check_hyperparameter("weight_decay", weight_decay)
-
-
 def _adam_core(b1, b2, eps, amsgrad: bool, convention: Convention) -> GradientTransformation:
     if amsgrad:
         return scale_by_amsgrad(b1, b2, eps, convention=convention)
@@ -226,7 +153,7 @@ def _adam_core(b1, b2, eps, amsgrad: bool, convention: Convention) -> GradientTr
 
 
 def _decay(weight_decay: Any) -> GradientTransformation:
-    if weight_decay is None or _is_zero(weight_decay):
+    if weight_decay is None or compat_args.is_zero(weight_decay):
         return identity()
     return add_decayed_weights(weight_decay)
 
@@ -234,12 +161,12 @@ def _decay(weight_decay: Any) -> GradientTransformation:
 def _torch_chain(
     lr, betas, eps, weight_decay, amsgrad, maximize, decoupled
 ) -> GradientTransformation:
-    _check_common("lr", lr, "eps", eps, weight_decay)
-    b1, b2 = _check_pair("betas", betas)
-    amsgrad = _check_bool("amsgrad", amsgrad)
-    maximize = _check_bool("maximize", maximize)
-    decoupled = _check_bool("decoupled_weight_decay", decoupled)
-    decay = identity() if weight_decay is None or _is_zero(weight_decay) else None
+    compat_args.check_common("lr", lr, "eps", eps, weight_decay)
+    b1, b2 = compat_args.check_pair("betas", betas)
+    amsgrad = compat_args.check_bool("amsgrad", amsgrad)
+    maximize = compat_args.check_bool("maximize", maximize)
+    decoupled = compat_args.check_bool("decoupled_weight_decay", decoupled)
+    decay = identity() if weight_decay is None or compat_args.is_zero(weight_decay) else None
     return chain(
         negate() if maximize else identity(),
         identity() if decoupled else _decay(weight_decay),
@@ -249,7 +176,7 @@ def _torch_chain(
     )
 
 
-@_reject_unknown_options
+@compat_args.reject_unknown_options
 def torch_adam(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[Scalar, Scalar] = (0.9, 0.999),
@@ -304,7 +231,7 @@ def torch_adam(
     return _torch_chain(lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
 
 
-@_reject_unknown_options
+@compat_args.reject_unknown_options
 def torch_adamw(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[Scalar, Scalar] = (0.9, 0.999),
@@ -353,10 +280,10 @@ def torch_adamw(
 def _keras_chain(
     learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay
 ) -> GradientTransformation:
-    _check_common("learning_rate", learning_rate, "epsilon", epsilon, weight_decay)
+    compat_args.check_common("learning_rate", learning_rate, "epsilon", epsilon, weight_decay)
     checks.check_hyperparameter("beta_1", beta_1, high=1.0)
     checks.check_hyperparameter("beta_2", beta_2, high=1.0)
-    amsgrad = _check_bool("amsgrad", amsgrad)
+    amsgrad = compat_args.check_bool("amsgrad", amsgrad)
     return chain(
         _adam_core(beta_1, beta_2, epsilon, amsgrad, KERAS),
         _decay(weight_decay),
@@ -364,7 +291,7 @@ def _keras_chain(
     )
 
 
-@_reject_unknown_options
+@compat_args.reject_unknown_options
 def keras_adam(
     learning_rate: ScalarOrSchedule = 0.001,
     beta_1: Scalar = 0.9,
@@ -409,7 +336,7 @@ def keras_adam(
     return _keras_chain(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay)
 
 
-@_reject_unknown_options
+@compat_args.reject_unknown_options
 def keras_adamw(
     learning_rate: ScalarOrSchedule = 0.001,
     weight_decay: Scalar = 0.004,
@@ -448,7 +375,7 @@ def keras_adamw(
     return _keras_chain(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay)
 
 
-@_reject_unknown_options
+@compat_args.reject_unknown_options
 def tf1_adam(
     learning_rate: ScalarOrSchedule = 0.001,
     beta1: Scalar = 0.9,
@@ -486,7 +413,7 @@ def tf1_adam(
         -0.1
     """
     del use_locking, name
-    _check_common("learning_rate", learning_rate, "epsilon", epsilon, None)
+    compat_args.check_common("learning_rate", learning_rate, "epsilon", epsilon, None)
     checks.check_hyperparameter("beta1", beta1, high=1.0)
     checks.check_hyperparameter("beta2", beta2, high=1.0)
     return chain(
