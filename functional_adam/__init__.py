@@ -30,6 +30,7 @@ from functional_adam.learning_rate import (
     scale_by_learning_rate,
     scale_by_schedule,
 )
+from functional_adam.low_precision import MasterWeightsState, with_master_weights
 from functional_adam.quantized_adam import (
     ScaleByAdam8bitState,
     adam_8bit,
@@ -46,6 +47,7 @@ __all__ = [
     "Convention",
     "EmptyState",
     "GradientTransformation",
+    "MasterWeightsState",
     "OptState",
     "Params",
     "ScaleByAdam8bitState",
@@ -78,4 +80,5 @@ __all__ = [
     "scale_by_learning_rate",
     "scale_by_schedule",
     "to_torch_state",
+    "with_master_weights",
 ]
