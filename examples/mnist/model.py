@@ -49,7 +49,7 @@ def init_params(
 ) -> tuple[nnx.GraphDef, dict]:
     """Builds the MLP and splits it into its static graph and its parameters.
 
-    The parameters are initialised in float32 and then cast to ``param_dtype``, so a
+    The parameters are initialised in float32 (in one jitted call) and then cast to ``param_dtype``, so a
     bfloat16 run starts from the rounded float32 initialisation.
 
     Args:
@@ -62,8 +62,15 @@ def init_params(
       ..., "bias": ...}, ...}``, what the optimizer and the checkpoints see);
       :func:`apply` runs the model on them.
     """
-    graphdef, state = nnx.split(MLP(hidden=hidden, rngs=nnx.Rngs(seed)))
-    params = jax.tree.map(lambda p: p.astype(param_dtype), nnx.to_pure_dict(state))
+    hidden = tuple(hidden)
+
+    def make() -> dict:
+        state = nnx.state(MLP(hidden=hidden, rngs=nnx.Rngs(seed)))
+        return jax.tree.map(lambda p: p.astype(param_dtype), nnx.to_pure_dict(state))
+
+    # Jitted: eager initialisation would compile each small random op on its own (~2 s on CPU).
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: MLP(hidden=hidden, rngs=nnx.Rngs(0))))
+    params = jax.jit(make)()
     return graphdef, params
 
 

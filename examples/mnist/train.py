@@ -208,11 +208,20 @@ def make_eval(graphdef, param_dtype) -> Callable:
     return evaluate
 
 
-def epoch_indices(key: jax.Array, n: int, batch_size: int) -> np.ndarray:
-    """A fresh shuffle of ``range(n)`` as ``(n // batch_size, batch_size)`` int32 indices."""
+def make_shuffle(n: int, batch_size: int) -> Callable:
+    """``key -> (next key, perm)``: a fresh shuffle of ``range(n)`` per epoch.
+
+    ``perm`` is ``(n // batch_size, batch_size)`` int32; the last ``n mod batch_size``
+    shuffled examples are dropped.
+    """
     steps = n // batch_size
-    perm = np.asarray(jax.random.permutation(key, n))
-    return perm[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+
+    def shuffle(key):
+        key, sub = jax.random.split(key)
+        perm = jax.random.permutation(sub, n)[: steps * batch_size]
+        return key, perm.reshape(steps, batch_size).astype(jnp.int32)
+
+    return shuffle
 
 
 def _device_data(data: Mnist, config: Config) -> dict[str, jax.Array]:
@@ -236,13 +245,14 @@ def _device_data(data: Mnist, config: Config) -> dict[str, jax.Array]:
 
 
 class _Loop(NamedTuple):
+    shuffle: Callable  # key -> (key, perm)
     run_epoch: Callable  # (params, opt_state, perm, bar) -> (params, opt_state, losses)
     evaluate: Callable  # (params) -> (loss, accuracy)
     compile_seconds: float
 
 
-def _compile(config: Config, graphdef, tx, params, opt_state, d) -> _Loop:
-    """Compiles the step (or the scanned epoch) and the evaluation ahead of time."""
+def _compile(config: Config, graphdef, tx, params, opt_state, key, d) -> _Loop:
+    """Compiles the shuffle, the step (or the scanned epoch) and the evaluation ahead of time."""
     dtype = PARAM_DTYPES[config.param_dtype]
     step = make_step(graphdef, tx, dtype)
     steps = len(d["train_x"]) // config.batch_size
@@ -256,10 +266,11 @@ def _compile(config: Config, graphdef, tx, params, opt_state, d) -> _Loop:
         fn = jax.jit(step, donate_argnums=(0, 1))
         compiled = fn.lower(params, opt_state, d["train_x"], d["train_y"], idx).compile()
     ev = jax.jit(make_eval(graphdef, dtype)).lower(params, d["test_x"], d["test_y"]).compile()
+    shuffle = jax.jit(make_shuffle(len(d["train_x"]), config.batch_size)).lower(key).compile()
     seconds = time.perf_counter() - t0
     run = _scan_epoch if config.loop == "scan" else _step_epoch
     run_epoch = functools.partial(run, compiled, d["train_x"], d["train_y"])
-    return _Loop(run_epoch, lambda p: ev(p, d["test_x"], d["test_y"]), seconds)
+    return _Loop(shuffle, run_epoch, lambda p: ev(p, d["test_x"], d["test_y"]), seconds)
 
 
 def _step_epoch(compiled, images, labels, params, opt_state, perm, bar, log_every=50):
@@ -268,10 +279,10 @@ def _step_epoch(compiled, images, labels, params, opt_state, perm, bar, log_ever
         params, opt_state, loss = compiled(params, opt_state, images, labels, perm[i])
         losses.append(loss)
         if bar is not None and ((i + 1) % log_every == 0 or i + 1 == len(perm)):
-            block = np.asarray(jnp.stack(losses[-log_every:]))  # waits for those steps
+            block = np.asarray(jax.device_get(losses[-log_every:]))  # waits for those steps
             bar.set_postfix(loss=f"{block.mean():.4f}", refresh=False)
             bar.update(len(block) if (i + 1) % log_every == 0 else (i + 1) % log_every)
-    return params, opt_state, np.asarray(jnp.stack(losses), np.float32)
+    return params, opt_state, np.asarray(jax.device_get(losses), np.float32)
 
 
 def _scan_epoch(compiled, images, labels, params, opt_state, perm, bar):
@@ -342,7 +353,7 @@ def train(
     t_start = time.perf_counter()
     d = _device_data(data, config)
     graphdef, state = _initial_state(config, tx)
-    loop = _compile(config, graphdef, tx, state.params, state.opt_state, d)
+    loop = _compile(config, graphdef, tx, state.params, state.opt_state, state.key, d)
     log(f"compile: {loop.compile_seconds:.2f} s (train step and evaluation, ahead of time)")
     params, opt_state, key, step, history = (
         state.params,
@@ -353,8 +364,8 @@ def train(
     )
     all_losses = []
     for epoch in range(state.epoch + 1, config.epochs + 1):
-        key, sub = jax.random.split(key)
-        perm = epoch_indices(sub, len(d["train_x"]), config.batch_size)
+        key, perm = loop.shuffle(key)
+        perm = np.asarray(perm)  # the step loop slices it on the host: no device op per step
         bar = _progress(config, epoch, len(perm))
         t0 = time.perf_counter()
         params, opt_state, losses = loop.run_epoch(params, opt_state, perm, bar)
