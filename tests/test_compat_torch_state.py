@@ -253,3 +253,20 @@ def test_to_torch_state_checks_shapes_and_amsgrad():
         compat.to_torch_state(state, params, [{"params": [0, 1]}])
     with pytest.raises(ValueError, match="exactly one Adam state"):
         compat.to_torch_state((), params, groups)
+
+
+def test_bfloat16_state_round_trips_and_abstract_params_work():
+    """bfloat16 moments (which numpy cannot hand to torch) survive both directions exactly."""
+    params = [torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    for g in ([0.5, -1.0, 2.0], [0.25, 3.0, -1.0]):
+        params[0].grad = torch.tensor(g, dtype=torch.bfloat16)
+        opt.step()
+    saved = opt.state_dict()
+    abstract = [jax.ShapeDtypeStruct((3,), jnp.bfloat16)]
+    state = compat.from_torch_state(saved, abstract)
+    assert state.mu[0].dtype == jnp.bfloat16
+    back = compat.to_torch_state(state, abstract, saved["param_groups"])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert back["state"][0][key].dtype == torch.bfloat16
+        assert torch.equal(back["state"][0][key], saved["state"][0][key])
