@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         worker(args.worker, args.seeds[0], args.epochs, args.data_dir)
         return
     runs: dict[str, list[dict]] = {n: [] for n in args.frameworks}
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     for i, seed in enumerate(args.seeds):
         order = (
@@ -248,7 +249,14 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     summary = {n: summarize(rs) for n, rs in runs.items()}
+    load_after = os.getloadavg()
     print(f"\n{machine()}")
+    print(
+        "load average (1, 5, 15 min) before "
+        + ", ".join(f"{x:.1f}" for x in load_before)
+        + "; after "
+        + ", ".join(f"{x:.1f}" for x in load_after)
+    )
     print(
         f"{args.epochs} epochs, median of seeds {args.seeds}, {time.perf_counter() - t0:.0f} s in all\n"
     )

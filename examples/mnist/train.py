@@ -198,12 +198,12 @@ def make_epoch(step: Callable) -> Callable:
 
 
 def make_eval(graphdef, param_dtype) -> Callable:
-    """``(params, images, labels) -> (mean loss, accuracy)`` over the whole test set."""
+    """``(params, images, labels) -> (mean loss, number correct)`` over the whole test set."""
 
     def evaluate(params, images, labels):
         logits = apply(graphdef, params, images.astype(param_dtype) / 255)
-        accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
-        return cross_entropy(logits, labels), accuracy
+        correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
+        return cross_entropy(logits, labels), correct
 
     return evaluate
 
@@ -247,7 +247,7 @@ def _device_data(data: Mnist, config: Config) -> dict[str, jax.Array]:
 class _Loop(NamedTuple):
     shuffle: Callable  # key -> (key, perm)
     run_epoch: Callable  # (params, opt_state, perm, bar) -> (params, opt_state, losses)
-    evaluate: Callable  # (params) -> (loss, accuracy)
+    evaluate: Callable  # (params) -> (loss, number correct)
     compile_seconds: float
 
 
@@ -370,7 +370,8 @@ def train(
         t0 = time.perf_counter()
         params, opt_state, losses = loop.run_epoch(params, opt_state, perm, bar)
         t1 = time.perf_counter()
-        test_loss, test_acc = (float(v) for v in loop.evaluate(params))
+        test_loss, correct = loop.evaluate(params)
+        test_loss, test_acc = float(test_loss), int(correct) / len(d["test_y"])
         t2 = time.perf_counter()
         if bar is not None:
             bar.close()
@@ -429,7 +430,10 @@ def write_outputs(config: Config, result: TrainResult, log: Callable[[str], None
         },
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_history(result.history, out / "training.png", title=f"MNIST MLP, {config.optimizer}")
+    title = f"MNIST MLP {'-'.join(map(str, (784, *config.hidden, 10)))}, {config.optimizer}"
+    if result.history:
+        title += f": final test accuracy {100 * result.history[-1]['test_accuracy']:.2f}%"
+    plot_history(result.history, out / "training.png", title=title)
     log(f"wrote {out / 'metrics.json'} and {out / 'training.png'}")
 
 
