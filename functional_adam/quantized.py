@@ -194,6 +194,7 @@ def _blocks(x: jax.Array, block_size: int) -> jax.Array:
     return jnp.pad(flat, (0, pad)).reshape(-1, block_size)
 
 
+@functools.partial(jax.jit, static_argnames=("block_size", "signed"))
 def quantize(x: jax.Array, block_size: int, *, signed: bool) -> BlockQuantized:
     """Encodes a real array block-wise with the dynamic map (see the module docstring).
 
@@ -220,6 +221,7 @@ def quantize(x: jax.Array, block_size: int, *, signed: bool) -> BlockQuantized:
     return encode_blocks(blocks, signed=signed)
 
 
+@functools.partial(jax.jit, static_argnames=("signed",))
 def encode_blocks(blocks: jax.Array, *, signed: bool) -> BlockQuantized:
     """:func:`quantize` of an array already shaped ``(n_blocks, block_size)`` (float32)."""
     codec = make_codec(signed)
@@ -237,6 +239,7 @@ def encode_blocks(blocks: jax.Array, *, signed: bool) -> BlockQuantized:
     return BlockQuantized(code, scale)
 
 
+@functools.partial(jax.jit, static_argnames=("signed",))
 def decode_blocks(q: BlockQuantized, *, signed: bool) -> jax.Array:
     """The float32 values of ``q``, shaped ``(n_blocks, block_size)`` like its codes."""
     codec = make_codec(signed)
@@ -247,6 +250,7 @@ def decode_blocks(q: BlockQuantized, *, signed: bool) -> jax.Array:
     return jnp.where((codes < 0) & (codes > -128), -magnitude, magnitude)
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "signed"))
 def dequantize(q: BlockQuantized, shape: tuple[int, ...], *, signed: bool) -> jax.Array:
     """Decodes :func:`quantize`'s output to a float32 array of ``shape``.
 

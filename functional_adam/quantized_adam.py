@@ -43,7 +43,13 @@ from functional_adam.quantized import (
     encode_blocks,
     zeros,
 )
-from functional_adam.tree import compute_dtype, moment_dtype, safe_increment, zero_count
+from functional_adam.tree import (
+    compute_dtype,
+    moment_dtype,
+    safe_increment,
+    saturating_cast,
+    zero_count,
+)
 from functional_adam.weight_decay import add_decayed_weights
 
 DEFAULT_BLOCK_SIZE = 256
@@ -232,7 +238,7 @@ def scale_by_adam_8bit(
             nesterov=nesterov,
             convention=convention,
         )
-        return u.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+        return u.astype(g.dtype), m_new.astype(m.dtype), saturating_cast(v_new, v)
 
     def update(updates: Updates, state: ScaleByAdam8bitState, params=None, **extra_args: Any):
         del params, extra_args
