@@ -75,8 +75,7 @@ def test_state_bytes_per_parameter(block_size):
             jax.eval_shape(fa.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16).init, p)
         )
         / n,
-        "8bit": _state_bytes(jax.eval_shape(fa.adam_8bit(1e-3, block_size=block_size).init, p))
-        / n,
+        "8bit": _state_bytes(jax.eval_shape(fa.adam_8bit(1e-3, block_size=block_size).init, p)) / n,
     }
     assert per_param["float32"] == pytest.approx(8.0, abs=1e-4)
     assert per_param["bfloat16"] == pytest.approx(4.0, abs=1e-4)
@@ -180,7 +179,7 @@ def test_zero_size_leaf_and_quantized_zero_size():
 def test_bfloat16_params_give_bfloat16_updates():
     p = jnp.ones(8192, jnp.bfloat16)
     tx = fa.adam_8bit(1e-3)
-    u, state = tx.update(jnp.ones(8192, jnp.bfloat16), tx.init(p), p)
+    u, _ = tx.update(jnp.ones(8192, jnp.bfloat16), tx.init(p), p)
     assert u.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(u, np.float32), -1e-3, rtol=1e-2)
 
