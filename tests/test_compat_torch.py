@@ -169,18 +169,27 @@ def test_schedule_and_optax_chain_match_torch_scheduler_and_clipping(name):
 
 
 @pytest.mark.parametrize(
-    ("torch_kwargs", "optax_convention"),
+    ("torch_kwargs", "neighbour"),
     [
-        ({"amsgrad": True}, lambda: fa.amsgrad(1e-2)),  # AMSGrad maximum over v̂, not raw v
-        ({"weight_decay": 0.1}, lambda: fa.adamw(1e-2, weight_decay=0.1)),  # decoupled, not L2
-        ({}, lambda: compat.keras_adam(1e-2, epsilon=1e-8)),  # epsilon hat
+        # AMSGrad maximum over v̂ (Optax), not over raw v
+        ({"lr": 1e-2, "amsgrad": True}, lambda: fa.amsgrad(1e-2)),
+        # decoupled decay (Optax's adamw), not coupled L2
+        ({"lr": 1e-3, "weight_decay": 0.1}, lambda: fa.adamw(1e-3, weight_decay=0.1)),
+        # epsilon hat (Keras), not epsilon on sqrt(v̂)
+        ({"lr": 1e-2}, lambda: compat.keras_adam(1e-2, epsilon=1e-8)),
+        # AdamW's decay with the exact factor, not PyTorch's float32-rounded one
+        (
+            {"lr": 1e-2, "weight_decay": 0.01, "decoupled_weight_decay": True},
+            lambda: fa.adamw(1e-2, weight_decay=0.01),
+        ),
     ],
+    ids=["amsgrad_max_corrected", "decoupled_not_l2", "epsilon_hat", "decay_unrounded"],
 )
-def test_the_check_tells_conventions_apart(torch_kwargs, optax_convention):
+def test_the_check_tells_conventions_apart(torch_kwargs, neighbour):
     """The 1e-5 check above fails for the neighbouring conventions: it can see what it tests."""
     grads, p0 = gradients(), initial_params()
-    theirs = run_torch(torch.optim.Adam, grads, p0, lr=1e-2, **torch_kwargs)
-    assert relative_error(run_jax(optax_convention(), grads, p0), theirs) > 10 * RTOL
+    theirs = run_torch(torch.optim.Adam, grads, p0, **torch_kwargs)
+    assert relative_error(run_jax(neighbour(), grads, p0), theirs) > RTOL
 
 
 # ---- closed loop: a tiny MLP, each framework computing its own gradients ----------------
