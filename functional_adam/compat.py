@@ -98,7 +98,7 @@ def torch_decoupled_weight_decay(
     rounding moves ``θ`` by up to ``steps · 2^-25`` relative (1.5e-5 after 500
     steps at ``lr·wd = 1e-4``), more than the rest of the float32 noise, so this
     transformation keeps the factor and forms ``θ·c - θ`` (exact in floating
-    point) instead of ``-lr·wd·θ``. Place it *after* ``scale_by_learning_rate``.
+    point for ``lr·wd <= 1/2``) instead of ``-lr·wd·θ``. Place it *after* ``scale_by_learning_rate``.
     ``c`` is formed in Python's float64 for a constant ``lr``, as in PyTorch,
     and in the compute dtype for a schedule or traced ``lr``.
 
@@ -166,13 +166,15 @@ def _torch_chain(
     amsgrad = compat_args.check_bool("amsgrad", amsgrad)
     maximize = compat_args.check_bool("maximize", maximize)
     decoupled = compat_args.check_bool("decoupled_weight_decay", decoupled)
-    decay = identity() if weight_decay is None or compat_args.is_zero(weight_decay) else None
+    no_decay = compat_args.is_zero(weight_decay)
     return chain(
         negate() if maximize else identity(),
-        identity() if decoupled else _decay(weight_decay),
+        identity() if decoupled or no_decay else add_decayed_weights(weight_decay),
         _adam_core(b1, b2, eps, amsgrad, PYTORCH),
         scale_by_learning_rate(lr),
-        (decay or torch_decoupled_weight_decay(lr, weight_decay)) if decoupled else identity(),
+        torch_decoupled_weight_decay(lr, weight_decay)
+        if decoupled and not no_decay
+        else identity(),
     )
 
 
