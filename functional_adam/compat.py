@@ -395,7 +395,11 @@ def tf1_adam(
         θ ← θ - lr_t · m / (sqrt(v) + epsilon)
 
     the Keras convention with TF1's default ``epsilon=1e-8`` (no AMSGrad, no
-    weight decay). ``use_locking`` and ``name`` are accepted and ignored.
+    weight decay). ``use_locking`` and ``name`` are accepted and ignored. TF1
+    keeps ``b^t`` as a running float32 product (``beta1_power *= beta1``),
+    where this computes the power: the two differ by float32 rounding only.
+    Checked against TF1's formula in float64 (TensorFlow is not a test
+    dependency), not against TensorFlow itself.
 
     Args:
         learning_rate: non-negative rate or schedule ``count -> lr``.
