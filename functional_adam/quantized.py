@@ -221,7 +221,6 @@ def quantize(x: jax.Array, block_size: int, *, signed: bool) -> BlockQuantized:
     return encode_blocks(blocks, signed=signed)
 
 
-@functools.partial(jax.jit, static_argnames=("signed",))
 def encode_blocks(blocks: jax.Array, *, signed: bool) -> BlockQuantized:
     """:func:`quantize` of an array already shaped ``(n_blocks, block_size)`` (float32)."""
     codec = make_codec(signed)
@@ -239,7 +238,6 @@ def encode_blocks(blocks: jax.Array, *, signed: bool) -> BlockQuantized:
     return BlockQuantized(code, scale)
 
 
-@functools.partial(jax.jit, static_argnames=("signed",))
 def decode_blocks(q: BlockQuantized, *, signed: bool) -> jax.Array:
     """The float32 values of ``q``, shaped ``(n_blocks, block_size)`` like its codes."""
     codec = make_codec(signed)
