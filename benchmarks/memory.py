@@ -126,6 +126,33 @@ def table_time(n: int, repeats: int) -> None:
           f"{med['fresh']:.1f} | |")  # fmt: skip
 
 
+def table_codec(repeats: int, n: int = 2**20) -> None:
+    """Where the 8-bit step's time goes on a CPU: the codec's arithmetic, per element."""
+    from functional_adam import quantized as qz
+
+    x = jax.random.normal(jax.random.key(1), (n // 256, 256))
+    m_q, v_q = qz.encode_blocks(x, signed=True), qz.encode_blocks(x * x, signed=False)
+    cases = {
+        "reference: `2 * x + 1` (float32 in, float32 out)": (jax.jit(lambda x: 2 * x + 1), x),
+        "encode, signed map (m)": (jax.jit(lambda x: qz.encode_blocks(x, signed=True)), x),
+        "encode, unsigned map (v)": (jax.jit(lambda x: qz.encode_blocks(x, signed=False)), x * x),
+        "decode, signed map (m)": (jax.jit(lambda q: qz.decode_blocks(q, signed=True)), m_q),
+        "decode, unsigned map (v)": (jax.jit(lambda q: qz.decode_blocks(q, signed=False)), v_q),
+    }
+    print(f"\n### Codec cost, {n:,} elements (fits in cache; median of {repeats})\n")
+    print("| operation | ms | ns / element |")
+    print("| --- | ---: | ---: |")
+    for name, (fn, arg) in cases.items():
+        jax.block_until_ready(fn(arg))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(arg))
+            times.append(time.perf_counter() - start)
+        ms = 1e3 * float(np.median(times))
+        print(f"| {name} | {ms:.2f} | {1e6 * ms / n:.2f} |")
+
+
 def regression(seed: int = 0, n: int = 512, d: int = 64, k: int = 128):
     kx, kw, kn, k0 = jax.random.split(jax.random.key(seed), 4)
     x = jax.random.normal(kx, (n, d))
@@ -174,6 +201,7 @@ def main() -> None:
     print(f"Machine: {machine()}")
     table_bytes(args.size)
     table_time(args.size, args.repeats)
+    table_codec(args.repeats)
     table_quality(args.steps)
 
 
