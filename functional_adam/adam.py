@@ -34,7 +34,7 @@ from functional_adam.tree import (
     compute_dtype,
     real_dtype,
     safe_increment,
-    saturating_cast,
+    saturate,
     zero_count,
     zeros_like_moment,
 )
@@ -111,9 +111,12 @@ def adam_leaf(
     """
     dtype = jnp.result_type(compute_dtype(g.dtype), compute_dtype(m.dtype))
     v_dtype = jnp.result_type(real_dtype(dtype), compute_dtype(v.dtype))
+    v_storage = v.dtype
     g, m, v = g.astype(dtype), m.astype(dtype), v.astype(v_dtype)
     g_sq = (g.conj() * g).real if jnp.iscomplexobj(g) else g**2
     m = (1 - b1) * g + b1 * m
+    if jnp.finfo(v_storage).bits < jnp.finfo(v_dtype).bits:  # a narrower v: keep it finite
+        g_sq = saturate(g_sq, v_storage)
     v = (1 - b2) * g_sq + b2 * v
     bc1, bc2 = bc.mu.astype(m.dtype), bc.nu.astype(v_dtype)
 
@@ -209,16 +212,15 @@ def _scale_by_adam_family(
             for g, m, v, vm in zip(g_leaves, m_leaves, v_leaves, vmax_leaves, strict=True)
         ]
 
-        def rebuild(index, like, cast=lambda r, x: r.astype(x.dtype)):
+        def rebuild(index, like):
             return treedef.unflatten(
-                [cast(r[index], x) for r, x in zip(results, like, strict=True)]
+                [r[index].astype(x.dtype) for r, x in zip(results, like, strict=True)]
             )
 
         new_updates = rebuild(0, g_leaves)
-        mu, nu = rebuild(1, m_leaves), rebuild(2, v_leaves, saturating_cast)
+        mu, nu = rebuild(1, m_leaves), rebuild(2, v_leaves)
         if amsgrad:
-            nu_max = rebuild(3, vmax_leaves, saturating_cast)
-            return new_updates, ScaleByAmsgradState(count_inc, mu, nu, nu_max)
+            return new_updates, ScaleByAmsgradState(count_inc, mu, nu, rebuild(3, vmax_leaves))
         return new_updates, ScaleByAdamState(count_inc, mu, nu)
 
     return GradientTransformation(init, update)

@@ -21,21 +21,38 @@ def safe_increment(count: jax.Array) -> jax.Array:
     return jnp.where(count < top, count + jnp.array(1, count.dtype), top)
 
 
-def saturating_cast(second_moment: jax.Array, like: jax.Array) -> jax.Array:
-    """A non-negative second moment cast to ``like``'s dtype, capped at its largest finite value.
+def saturate(square: jax.Array, storage_dtype: Any) -> jax.Array:
+    """``|g|²`` capped at half the largest finite value of the second moment's ``storage_dtype``.
 
-    A gradient whose square overflows (or a float16 state that cannot hold
-    ``v``) would otherwise store ``inf``, which NAdam's look-ahead or a huge
-    first moment turns into ``inf/inf = NaN``. Finite values are unchanged, so
-    results stay bitwise Optax's.
+    Used when ``v`` is stored in a narrower dtype than it is computed in (a
+    float16 or bfloat16 second moment). Without the cap, a gradient with
+    ``|g| > 181`` stores ``v = inf`` in float16 for good: that entry never
+    moves again, and NAdam's look-ahead or a huge first moment turns it into
+    ``inf/inf = NaN``. With ``|g|² <= max/2`` the moving average
+    ``(1-b2)·|g|² + b2·v`` stays finite. Capping the input rather than ``v``
+    itself keeps one ``v`` for storage and use, so XLA fuses it as before.
+    (float32 and float64 second moments are not capped, so their results stay
+    bitwise Optax's; their square overflows only for ``|g| > 1.8e19``.)
 
     Example:
         >>> import jax.numpy as jnp
-        >>> saturating_cast(jnp.array([1.0, 1e6, jnp.inf]), jnp.zeros(3, jnp.float16))
-        Array([1.00e+00, 6.55e+04, 6.55e+04], dtype=float16)
+        >>> saturate(jnp.array([1.0, 1e6, jnp.inf]), jnp.float16)
+        Array([1.0000e+00, 3.2752e+04, 3.2752e+04], dtype=float32)
     """
-    top = jnp.finfo(like.dtype).max
-    return jnp.minimum(second_moment, jnp.asarray(top, second_moment.dtype)).astype(like.dtype)
+    cap = jnp.finfo(storage_dtype).max / 2
+    return jnp.minimum(square, jnp.asarray(cap, square.dtype))
+
+
+def saturating_cast(second_moment: jax.Array, like: jax.Array) -> jax.Array:
+    """A non-negative second moment cast to ``like``'s dtype, capped at its largest finite value.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> saturating_cast(jnp.array([1.0, jnp.inf]), jnp.zeros(2, jnp.float16))
+        Array([1.00e+00, 6.55e+04], dtype=float16)
+    """
+    top = jnp.asarray(jnp.finfo(like.dtype).max, second_moment.dtype)
+    return jnp.minimum(second_moment, top).astype(like.dtype)
 
 
 def zero_count() -> jax.Array:
