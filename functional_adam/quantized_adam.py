@@ -5,14 +5,20 @@ Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022
 8-bit codes of the dynamic map with one float32 absmax scale per block
 (:mod:`functional_adam.quantized`): ``m`` with the signed map (int8 codes),
 ``v`` with the unsigned map (uint8 codes), about 2 bytes per parameter instead
-of 8. Each step, per leaf, in one jitted function::
+of 8. Each step, per leaf, in one jitted loop over chunks of 64K elements (so
+no full-size float32 moment is ever materialised)::
 
     m, v = dequantize(m_codes), dequantize(v_codes)       # float32
     u, m, v = adam_leaf(g, m, v, ...)                     # the Adam step of functional_adam.adam
     m_codes, v_codes = quantize(m), quantize(v)           # new absmax per block
 
+The arithmetic is float32 (``adam_leaf``'s) also for bfloat16/float16
+parameters, and ``u`` has the gradient's dtype. The default ``block_size`` is
+256 (bitsandbytes' choice; 2048 is as fast here and slightly less accurate,
+see BENCHMARKS.md).
+
 Leaves with fewer than ``min_8bit_size`` elements (biases, norms) and complex
-leaves keep unquantized moments (float32 for 16- and 32-bit parameters, or
+leaves (by choice: the maps are real) keep unquantized moments (float32 for 16- and 32-bit parameters, or
 ``mu_dtype``/``nu_dtype`` when given), as bitsandbytes does for small tensors.
 The state ``ScaleByAdam8bitState(count, mu, nu)`` is an ordinary pytree of
 arrays: each quantized leaf of ``mu``/``nu`` is a
