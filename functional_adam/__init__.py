@@ -24,6 +24,7 @@ from functional_adam.base import (
     identity,
 )
 from functional_adam.conventions import Convention
+from functional_adam.fused import FlatState, flatten, update_and_apply
 from functional_adam.learning_rate import (
     ScaleByScheduleState,
     scale,
@@ -46,6 +47,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Convention",
     "EmptyState",
+    "FlatState",
     "GradientTransformation",
     "MasterWeightsState",
     "OptState",
@@ -68,6 +70,7 @@ __all__ = [
     "chain",
     "compat",
     "conventions",
+    "flatten",
     "from_torch_state",
     "identity",
     "nadam",
@@ -80,5 +83,6 @@ __all__ = [
     "scale_by_learning_rate",
     "scale_by_schedule",
     "to_torch_state",
+    "update_and_apply",
     "with_master_weights",
 ]

@@ -1,0 +1,216 @@
+"""The fast paths: ``flatten`` (one contiguous buffer per dtype) and ``update_and_apply``.
+
+An Adam step is memory-bound: in float32 it must read θ, g, m, v and write
+θ, m, v, 28 bytes per parameter. Under ``jax.jit`` XLA fuses the per-leaf
+arithmetic of :func:`functional_adam.adam_leaf` with ``apply_updates`` into a
+few loops per leaf, but each loop is launched once per leaf: with thousands of
+small leaves, launches and compile time grow with the number of leaves.
+
+:func:`flatten` keeps the moments in one contiguous 1-D buffer per dtype, with
+the tree structure on the side (static, checked at every update), so the Adam
+arithmetic is one set of loops however many leaves the model has.
+:func:`update_and_apply` is ``update`` followed by ``apply_updates`` in one
+call, for a jitted step with donated buffers::
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, batch):
+        grads = jax.grad(loss)(params, batch)
+        return fa.update_and_apply(tx, grads, opt_state, params)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from functional_adam.base import GradientTransformation, OptState, Params, Updates, apply_updates
+
+
+class LeafSpec(NamedTuple):
+    """Where one leaf lives in its dtype's buffer (static, hashable)."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FlatState:
+    """State of :func:`flatten`: the inner state over ``{dtype: 1-D buffer}``, and the layout.
+
+    ``layout`` is static pytree metadata (it is part of the tree structure seen
+    by ``jax.jit``, not an array), so the state checkpoints and shards like any
+    pytree of arrays.
+    """
+
+    inner_state: OptState
+    layout: tuple[LeafSpec, ...] = dataclasses.field(metadata={"static": True})
+
+
+def _layout(tree: Any) -> tuple[LeafSpec, ...]:
+    """The static layout of ``tree``'s non-None leaves, grouped by dtype in order of appearance."""
+    offsets: dict[str, int] = {}
+    specs = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = jnp.dtype(leaf.dtype).name
+        size = int(jnp.size(leaf)) if not isinstance(leaf, jax.ShapeDtypeStruct) else leaf.size
+        specs.append(
+            LeafSpec(jax.tree_util.keystr(path), tuple(leaf.shape), dtype, offsets.get(dtype, 0))
+        )
+        offsets[dtype] = offsets.get(dtype, 0) + size
+    return tuple(specs)
+
+
+def _check_layout(expected: tuple[LeafSpec, ...], actual: tuple[LeafSpec, ...], what: str) -> None:
+    if expected == actual:
+        return
+    for old, new in zip(expected, actual, strict=False):
+        if old != new:
+            raise ValueError(
+                f"flatten: the {what} changed since init: leaf {new.path} is {new.dtype}"
+                f"{list(new.shape)} where init saw {old.path} as {old.dtype}{list(old.shape)}. "
+                "A flat state is tied to the tree it was made for; call init again."
+            )
+    longer, which = (actual, f"the {what}") if len(actual) > len(expected) else (expected, "init")
+    extra = longer[min(len(actual), len(expected))]
+    raise ValueError(f"flatten: leaf {extra.path} is only in {which}; the tree changed since init.")
+
+
+def _check_same_device(tree: Any) -> None:
+    """Leaves sharing a buffer must share a placement (checked on concrete arrays only)."""
+    first: dict[str, tuple[str, Any]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        sharding = getattr(leaf, "sharding", None) if isinstance(leaf, jax.Array) else None
+        if sharding is None or isinstance(leaf, jax.core.Tracer):
+            continue
+        dtype = jnp.dtype(leaf.dtype).name
+        name, seen = first.setdefault(dtype, (jax.tree_util.keystr(path), sharding))
+        if seen != sharding:
+            raise ValueError(
+                f"flatten: {jax.tree_util.keystr(path)} is placed on {sharding} but "
+                f"{name} (same dtype, same buffer) on {seen}; put the parameters on one "
+                "device (or one sharding) before init, or do not flatten."
+            )
+
+
+def flatten_tree(tree: Any) -> dict[str, jax.Array]:
+    """``{dtype name: 1-D concatenation of the leaves of that dtype}`` (``None`` leaves skipped).
+
+    ``jax.ShapeDtypeStruct`` leaves give ``ShapeDtypeStruct`` buffers.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> flatten_tree({"a": jnp.ones((2, 2)), "b": None, "c": jnp.zeros(1)})
+        {'float32': Array([1., 1., 1., 1., 0.], dtype=float32)}
+    """
+    groups: dict[str, list[Any]] = {}
+    for leaf in jax.tree.leaves(tree):
+        groups.setdefault(jnp.dtype(leaf.dtype).name, []).append(leaf)
+    flat = {}
+    for dtype, leaves in groups.items():
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+            flat[dtype] = jax.ShapeDtypeStruct((sum(x.size for x in leaves),), jnp.dtype(dtype))
+        else:
+            flat[dtype] = jnp.concatenate([jnp.ravel(x) for x in leaves])
+    return flat
+
+
+def unflatten_tree(flat: dict[str, jax.Array], like: Any) -> Any:
+    """The inverse of :func:`flatten_tree`: slices of ``flat`` shaped as the leaves of ``like``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> like = {"a": jnp.ones((2, 2)), "b": None, "c": jnp.zeros(1)}
+        >>> unflatten_tree(flatten_tree(like), like)["a"]
+        Array([[1., 1.],
+               [1., 1.]], dtype=float32)
+    """
+    leaves, treedef = jax.tree.flatten(like)
+    out = []
+    for spec, leaf in zip(_layout(like), leaves, strict=True):
+        size = int(jnp.size(leaf))
+        out.append(flat[spec.dtype][spec.offset : spec.offset + size].reshape(spec.shape))
+    return treedef.unflatten(out)
+
+
+def flatten(inner: GradientTransformation) -> GradientTransformation:
+    """Runs an elementwise transformation on one contiguous buffer per dtype.
+
+    The updates (and params) are concatenated per dtype, ``inner`` sees
+    ``{dtype name: 1-D array}``, and its updates are cut back into the tree.
+    The state holds ``inner``'s state over the buffers and the static layout
+    of the tree; an update whose tree differs from the one given to ``init``
+    raises ``ValueError`` naming the first differing leaf. ``None`` leaves are
+    skipped. Results equal ``inner`` applied leaf by leaf (bitwise, for
+    elementwise transformations such as :func:`~functional_adam.scale_by_adam`).
+    Masks belong outside (``chain(flatten(scale_by_adam()),
+    add_decayed_weights(wd, mask), ...)``), where the tree is the user's.
+
+    Args:
+        inner: an elementwise transformation (Adam's direction, scaling, ...).
+
+    Returns:
+        A ``GradientTransformation`` with state :class:`FlatState`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import functional_adam as fa
+        >>> tx = fa.flatten(fa.scale_by_adam())
+        >>> params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+        >>> state = tx.init(params)
+        >>> state.inner_state.mu["float32"].shape
+        (9,)
+        >>> updates, state = tx.update({"w": jnp.ones((2, 3)), "b": -jnp.ones(3)}, state)
+        >>> updates["b"].round(3)
+        Array([-1., -1., -1.], dtype=float32)
+    """
+
+    def init(params: Params) -> FlatState:
+        _check_same_device(params)
+        return FlatState(inner.init(flatten_tree(params)), _layout(params))
+
+    def update(updates: Updates, state: FlatState, params: Params | None = None, **extra_args):
+        _check_layout(state.layout, _layout(updates), "updates")
+        flat_params = None
+        if params is not None:
+            _check_layout(state.layout, _layout(params), "params")
+            flat_params = flatten_tree(params)
+        flat_updates, inner_state = inner.update(
+            flatten_tree(updates), state.inner_state, flat_params, **extra_args
+        )
+        return unflatten_tree(flat_updates, updates), FlatState(inner_state, state.layout)
+
+    return GradientTransformation(init, update)
+
+
+def update_and_apply(
+    tx: GradientTransformation,
+    grads: Updates,
+    state: OptState,
+    params: Params,
+    **extra_args: Any,
+) -> tuple[Params, OptState]:
+    """``tx.update`` then ``apply_updates``: returns ``(new_params, new_state)``.
+
+    Under ``jax.jit`` XLA fuses the parameter update into the loop that
+    computes Adam's direction, so each leaf's θ is read and written once.
+    Donate ``params`` and ``state`` (``jax.jit(..., donate_argnums=...)``) so
+    the new values are written in place, with no second copy of either.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import functional_adam as fa
+        >>> tx = fa.adam(0.1)
+        >>> params = jnp.ones(2)
+        >>> step = jax.jit(lambda g, s, p: fa.update_and_apply(tx, g, s, p), donate_argnums=(1, 2))
+        >>> params, state = step(jnp.array([1.0, -1.0]), tx.init(params), params)
+        >>> [round(float(x), 3) for x in params]
+        [0.9, 1.1]
+    """
+    updates, state = tx.update(grads, state, params, **extra_args)
+    return apply_updates(params, updates), state
