@@ -16,6 +16,11 @@ call, for a jitted step with donated buffers::
     def train_step(params, opt_state, batch):
         grads = jax.grad(loss)(params, batch)
         return fa.update_and_apply(tx, grads, opt_state, params)
+
+JAX pairs each donated input with an output of the same shape and dtype *in
+order*, so donate the arguments in the order of the outputs, ``(params,
+opt_state)``: with ``step(grads, opt_state, params)`` the buffer of ``m`` is
+handed to the new ``params`` and XLA needs a temporary copy of the state.
 """
 
 from __future__ import annotations
@@ -207,8 +212,10 @@ def update_and_apply(
         >>> import functional_adam as fa
         >>> tx = fa.adam(0.1)
         >>> params = jnp.ones(2)
-        >>> step = jax.jit(lambda g, s, p: fa.update_and_apply(tx, g, s, p), donate_argnums=(1, 2))
-        >>> params, state = step(jnp.array([1.0, -1.0]), tx.init(params), params)
+        >>> def step(params, state, grads):  # donated arguments in the order of the outputs
+        ...     return fa.update_and_apply(tx, grads, state, params)
+        >>> step = jax.jit(step, donate_argnums=(0, 1))
+        >>> params, state = step(params, tx.init(params), jnp.array([1.0, -1.0]))
         >>> [round(float(x), 3) for x in params]
         [0.9, 1.1]
     """
