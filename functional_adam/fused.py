@@ -185,9 +185,15 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
         if params is not None:
             _check_layout(state.layout, _layout(params), "params")
             flat_params = flatten_tree(params)
+        # The barriers keep XLA from fusing a many-operand concatenate (or the slices) into
+        # the Adam loops, which would test every element against every leaf boundary.
         flat_updates, inner_state = inner.update(
-            flatten_tree(updates), state.inner_state, flat_params, **extra_args
+            jax.lax.optimization_barrier(flatten_tree(updates)),
+            state.inner_state,
+            flat_params,
+            **extra_args,
         )
+        flat_updates = jax.lax.optimization_barrier(flat_updates)
         return unflatten_tree(flat_updates, updates), FlatState(inner_state, state.layout)
 
     return GradientTransformation(init, update)
