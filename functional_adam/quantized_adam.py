@@ -136,12 +136,17 @@ def _quantized_leaf(
     nesterov: bool,
     convention: Convention,
 ) -> tuple[jax.Array, BlockQuantized, BlockQuantized]:
-    """One Adam step of a quantized leaf in one pass over memory.
+    """One Adam step of a quantized leaf without full-size float32 temporaries.
 
-    A loop over chunks of whole blocks reads ``g`` and the old codes, and writes
-    ``u`` over ``g``'s buffer and the new codes over the old ones, so that no
-    full-size float32 moment is ever materialised; the blocks after the last
-    whole chunk (with the zero-padded final block) are done after the loop.
+    The new codes need each block's new absolute maximum, so a loop over
+    chunks of 64K elements dequantizes, steps and requantizes, reading ``g``
+    and the old codes and writing the new codes into buffers the loop carries
+    (the blocks after the last whole chunk, with the zero-padded final block,
+    are done after the loop). The loop never reads what it carries: when it
+    did (and XLA fused that read into another output), XLA copied the whole
+    buffers in every iteration, which made a step quadratic in the leaf size.
+    ``u`` is elementwise in ``g`` and the old codes; left outside the loop, XLA
+    fuses it into ``apply_updates`` instead of writing a full-size buffer.
     """
     step = functools.partial(
         _blocks_step, bc=bc, hyper=hyper, nesterov=nesterov, convention=convention
@@ -151,32 +156,35 @@ def _quantized_leaf(
     flat = g.reshape(-1)
     chunk = max(1, min(_CHUNK_ELEMENTS // block_size, size // block_size))
     looped = size // block_size // chunk * chunk  # blocks done inside the loop
+    out = tuple(jax.tree.map(jnp.zeros_like, q) for q in (m_q, v_q))
 
     def body(i, carry):
-        flat, m_q, v_q = carry
+        m_out, v_out = carry
         start = i * chunk
         g_chunk = jax.lax.dynamic_slice_in_dim(flat, start * block_size, chunk * block_size)
-        u, m_new, v_new = step(
+        _, m_new, v_new = step(
             g_chunk.reshape(chunk, block_size),
             _slice_blocks(m_q, start, chunk),
             _slice_blocks(v_q, start, chunk),
         )
-        flat = jax.lax.dynamic_update_slice_in_dim(flat, u.reshape(-1), start * block_size, 0)
-        return flat, _set_blocks(m_q, start, m_new), _set_blocks(v_q, start, v_new)
+        return _set_blocks(m_out, start, m_new), _set_blocks(v_out, start, v_new)
 
     if looped:
-        flat, m_q, v_q = jax.lax.fori_loop(0, looped // chunk, body, (flat, m_q, v_q))
+        out = jax.lax.fori_loop(0, looped // chunk, body, out)
+    m_out, v_out = out
     if looped < n_blocks:
-        done = looped * block_size
-        tail = jnp.pad(flat[done:], (0, n_blocks * block_size - size))
-        u, m_new, v_new = step(
-            tail.reshape(-1, block_size),
-            _tail(m_q, looped),
-            _tail(v_q, looped),
-        )
-        flat = flat.at[done:].set(u.reshape(-1)[: size - done])
-        m_q, v_q = _set_blocks(m_q, looped, m_new), _set_blocks(v_q, looped, v_new)
-    return flat.reshape(g.shape), m_q, v_q
+        tail = jnp.pad(flat[looped * block_size :], (0, n_blocks * block_size - size))
+        _, m_new, v_new = step(tail.reshape(-1, block_size), _tail(m_q, looped), _tail(v_q, looped))
+        m_out, v_out = _set_blocks(m_out, looped, m_new), _set_blocks(v_out, looped, v_new)
+    # u is elementwise in (g, old codes): XLA fuses it into its consumer (apply_updates).
+    m = decode_blocks(m_q, signed=True).reshape(-1)[:size].reshape(g.shape)
+    v = decode_second_moment(v_q).reshape(-1)[:size].reshape(g.shape)
+    b1, b2, eps, eps_root = hyper
+    u = adam_leaf(
+        g, m, v, None, bc, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+        nesterov=nesterov, convention=convention,
+    )[0]  # fmt: skip
+    return u.astype(g.dtype), m_out, v_out
 
 
 def _tail(q: BlockQuantized, start: int) -> BlockQuantized:
