@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 import chex
 import jax
@@ -249,3 +250,29 @@ def test_bad_min_8bit_size_and_hyperparameters():
         fa.adam_8bit(1e-3, b2=1.0)
     with pytest.raises(ValueError, match="learning_rate"):
         fa.adam_8bit(-1.0)
+
+
+def test_the_chunk_loop_copies_no_whole_buffer_per_iteration():
+    """A structural guard (no timing): inside the compiled loop body there is no copy of an
+    array as large as the leaf's codes; such copies once made the step quadratic in size."""
+    n = 8 * 2**16  # eight loop iterations
+    tx = fa.adam_8bit(1e-3)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return fa.apply_updates(p, u), s
+
+    p = jax.ShapeDtypeStruct((n,), jnp.float32)
+    hlo = (
+        jax.jit(step, donate_argnums=(0, 1))
+        .lower(p, jax.eval_shape(tx.init, p), p)
+        .compile()
+        .as_text()
+    )
+    bodies = re.findall(r"body=(%[\w.\-]+)", hlo)
+    assert bodies, "expected a while loop over chunks"
+    for body in bodies:
+        computation = hlo[hlo.index(f"\n{body} ") :].split("\n}\n", 1)[0]
+        for shape in re.findall(r"= \w+\[([\d,]*)\]\{[\d,]*\} copy\(", computation):
+            size = math.prod(int(d) for d in shape.split(",") if d)
+            assert size < n // 2, f"a copy of {size} elements in every loop iteration"
