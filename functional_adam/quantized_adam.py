@@ -69,7 +69,11 @@ DEFAULT_MIN_8BIT_SIZE = 4096
 
 
 class ScaleByAdam8bitState(NamedTuple):
-    """State of :func:`scale_by_adam_8bit`: per leaf, a ``BlockQuantized`` or a float array."""
+    """State of :func:`scale_by_adam_8bit`: per leaf, a ``BlockQuantized`` or a float array.
+
+    For a quantized leaf, ``mu`` holds int8 codes of ``m`` and ``nu`` uint8 codes of
+    ``sqrt(v)`` (decode with :func:`decode_second_moment`).
+    """
 
     count: jax.Array  # int32 scalar, saturating
     mu: Updates
