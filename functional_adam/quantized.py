@@ -124,6 +124,7 @@ def make_codec(signed: bool) -> Codec:
     gain, shift = n / (0.9 * scale), n / 9 - first
     starts = np.append(first, len(magnitudes) - 1)
     thresholds = (magnitudes[starts - 1] + magnitudes[starts]) / 2
+    assert (thresholds[:-1] > 0.1 * scale).all()  # so no index falls below its decade's first
     codec = Codec(
         magnitudes=np.zeros(0, np.float32),
         thresholds=thresholds.astype(np.float32),
@@ -153,7 +154,8 @@ def _nearest_magnitude(a: jax.Array, codec: Codec) -> jax.Array:
     """Index (int32) of the magnitude nearest to each ``a`` in [0, 1] (no table look-ups)."""
     t = codec.thresholds[:-1]
     j = jnp.floor(a * _select(a, t, codec.gain) - _select(a, t, codec.shift)).astype(jnp.int32)
-    j = jnp.clip(j, _select(a, t, codec.first), _select(a, t, codec.last))
+    # No lower clip: each decade starts (thresholds) above its first bin's lower edge.
+    j = jnp.minimum(j, _select(a, t, codec.last))
     j = jnp.where(a < codec.thresholds[0], 0, j)
     return jnp.where(a >= codec.thresholds[-1], int(codec.last[-1]) + 1, j)
 
