@@ -1,0 +1,184 @@
+"""Speed of one Adam step: functional_adam vs Optax vs PyTorch, against the memory-bandwidth limit.
+
+An fp32 Adam step reads θ, g, m, v and writes θ, m, v: 28 bytes per parameter.
+The streaming limit is that traffic at the bandwidth of an in-place ``a += b``
+(12 bytes per element) measured in the same run: PyTorch's multithreaded kernel
+on a CPU, a donated jitted ``a + b`` with JAX (both on a GPU: the device copy
+bandwidth). Prints two tables: ms per step (median), GB/s at 28 B/param and the
+fraction of the limit; and compile time (lower + compile) of the jitted step.
+
+    python benchmarks/update_step.py                 # 1e5, 1e6, 1e7 params
+    python benchmarks/update_step.py --large         # and 1e8
+    python benchmarks/update_step.py --sizes 1e7 --leaves 1 1000 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import functional_adam as fa
+
+BYTES_PER_PARAM = 28
+
+
+def _leaf_sizes(n: int, leaves: int) -> list[int]:
+    base = n // leaves
+    return [base + (1 if i < n % leaves else 0) for i in range(leaves)]
+
+
+def _tree(sizes: list[int], seed: int) -> list[jax.Array]:
+    key = jax.random.PRNGKey(seed)
+    return [
+        jax.random.normal(jax.random.fold_in(key, i), (s,), jnp.float32)
+        for i, s in enumerate(sizes)
+    ]
+
+
+def jax_runner(tx: fa.GradientTransformation, sizes: list[int]) -> Callable[[], None]:
+    """A closure that runs one jitted, donated step of ``tx`` (params and state in place)."""
+    params, grads = _tree(sizes, 0), _tree(sizes, 1)
+
+    def step(params, state, grads):  # donated arguments in the order of the outputs
+        return fa.update_and_apply(tx, grads, state, params)
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    box = [params, tx.init(params)]
+
+    def run():
+        box[0], box[1] = jitted(box[0], box[1], grads)
+        jax.block_until_ready(box[0])
+
+    run()
+    return run
+
+
+def torch_runner(sizes: list[int], **kwargs) -> Callable[[], None]:
+    import torch
+
+    params = [torch.randn(s, requires_grad=True) for s in sizes]
+    for p in params:
+        p.grad = torch.randn(s := p.shape[0])
+        del s
+    opt = torch.optim.Adam(params, lr=1e-3, **kwargs)
+    opt.step()
+    return opt.step
+
+
+def streaming_limit_gbps(n: int, repeats: int = 10) -> tuple[float, str]:
+    """Fastest in-place ``a += b`` bandwidth (12 B/element) over a few runs."""
+    best, how = 0.0, ""
+    if jax.default_backend() == "cpu":
+        try:
+            import torch
+
+            a, b = torch.randn(n), torch.randn(n)
+            for _ in range(repeats):
+                t = time.perf_counter()
+                a += b
+                best = max(best, 12 * n / (time.perf_counter() - t) / 1e9)
+            how = "torch a+=b"
+        except ImportError:
+            pass
+    add = jax.jit(lambda a, b: a + b, donate_argnums=0)
+    a, b = jnp.ones(n), jnp.ones(n)
+    a = add(a, b).block_until_ready()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a = add(a, b).block_until_ready()
+        gbps = 12 * n / (time.perf_counter() - t) / 1e9
+        if gbps > best:
+            best, how = gbps, "jax a+b (donated)"
+    return best, how
+
+
+def time_methods(runners: dict[str, Callable[[], None]], rounds: int, reps: int) -> dict:
+    """Median ms per call of each runner, measured round-robin so noise hits all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            for _ in range(reps):
+                t = time.perf_counter()
+                run()
+                samples[name].append((time.perf_counter() - t) * 1e3)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def compile_seconds(tx, leaves: int, size: int = 1000) -> float:
+    params = _tree([size] * leaves, 0)
+
+    def step(params, state, grads):
+        return fa.update_and_apply(tx, grads, state, params)
+
+    t = time.perf_counter()
+    jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e5, 1e6, 1e7])
+    parser.add_argument("--large", action="store_true", help="add 1e8 parameters")
+    parser.add_argument("--leaves", type=int, nargs="+", default=[1, 100, 1000])
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds (default 5)")
+    parser.add_argument("--reps", type=int, default=4, help="steps per method per round")
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch")
+    parser.add_argument("--compile-leaves", type=int, nargs="+", default=[10, 100, 1000])
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes] + ([int(1e8)] if args.large else [])
+
+    device = jax.devices()[0]
+    print(
+        f"# {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"optax {optax.__version__}, python {platform.python_version()}"
+    )
+    print("\n| params | leaves | method | ms/step (median) | GB/s @28B | of limit |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for n in sizes:
+        limit, how = streaming_limit_gbps(n)
+        limit_ms = BYTES_PER_PARAM * n / limit / 1e9 * 1e3
+        print(
+            f"| {n:.0e} | - | streaming limit ({how}, {limit:.1f} GB/s) | {limit_ms:.2f} "
+            f"| {limit:.1f} | 100% |"
+        )
+        for leaves in args.leaves:
+            leaf_sizes = _leaf_sizes(n, leaves)
+            runners = {
+                "functional_adam": jax_runner(fa.adam(1e-3), leaf_sizes),
+                "functional_adam flat": jax_runner(fa.adam(1e-3, flat=True), leaf_sizes),
+                "optax.adam": jax_runner(optax.adam(1e-3), leaf_sizes),
+            }
+            if not args.no_torch and jax.default_backend() == "cpu":
+                runners["torch Adam fused"] = torch_runner(leaf_sizes, fused=True)
+                runners["torch Adam foreach"] = torch_runner(leaf_sizes, foreach=True)
+            medians = time_methods(runners, args.rounds, args.reps)
+            for name, ms in medians.items():
+                gbps = BYTES_PER_PARAM * n / (ms / 1e3) / 1e9
+                print(
+                    f"| {n:.0e} | {leaves} | {name} | {ms:.2f} | {gbps:.1f} | {gbps / limit:.0%} |"
+                )
+            del runners
+
+    print(
+        "\n| leaves (1,000 params each) | functional_adam s | functional_adam flat s | optax s "
+        "| flat / optax |"
+    )
+    print("|---:|---:|---:|---:|---:|")
+    for leaves in args.compile_leaves:
+        ours = compile_seconds(fa.adam(1e-3), leaves)
+        flat = compile_seconds(fa.adam(1e-3, flat=True), leaves)
+        theirs = compile_seconds(optax.adam(1e-3), leaves)
+        print(f"| {leaves} | {ours:.3f} | {flat:.3f} | {theirs:.3f} | {flat / theirs:.2f} |")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
