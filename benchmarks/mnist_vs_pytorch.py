@@ -120,11 +120,13 @@ def run_torch(seed: int, epochs: int, data_dir: str | None) -> dict:
 
 def worker(framework: str, seed: int, epochs: int, data_dir: str | None) -> None:
     """Runs one measurement and prints it as the last line of stdout, in JSON."""
+    load_before = os.getloadavg()
     if framework == "torch":
         out = run_torch(seed, epochs, data_dir)
     else:
         out = run_flax(framework, seed, epochs, data_dir)
-    print(json.dumps({"framework": framework, "seed": seed, **out}))
+    load = [list(load_before), list(os.getloadavg())]
+    print(json.dumps({"framework": framework, "seed": seed, **out, "load": load}))
 
 
 def spawn(framework: str, seed: int, epochs: int, data_dir: str | None) -> dict:
@@ -143,6 +145,7 @@ def summarize(runs: list[dict]) -> dict:
     return {
         "compile": med(r["compile_seconds"] for r in runs),
         "steady": med(med(r["epoch_seconds"][1:] or r["epoch_seconds"]) for r in runs),
+        "fastest": med(min(r["epoch_seconds"]) for r in runs),
         "wall": med(r["wall_seconds"] for r in runs),
         "final": med(100 * r["test_accuracy"][-1] for r in runs),
         "best": med(100 * max(r["test_accuracy"]) for r in runs),
@@ -152,6 +155,7 @@ def summarize(runs: list[dict]) -> dict:
 ROWS = (
     ("compile", "compile time (s)", "{:.2f}"),
     ("steady", "steady epoch time, median (s)", "{:.2f}"),
+    ("fastest", "fastest epoch (s)", "{:.2f}"),
     ("wall", "{epochs}-epoch wall time (s)", "{:.1f}"),
     ("final", "final test accuracy (%)", "{:.2f}"),
     ("best", "best test accuracy (%)", "{:.2f}"),
@@ -224,12 +228,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", default=None, help="MNIST IDX directory (see the example)")
     p.add_argument("--frameworks", nargs="+", choices=list(FRAMEWORKS), default=list(FRAMEWORKS))
     p.add_argument("--json", default=None, help="also write every run's numbers here")
+    p.add_argument(
+        "--from-json", default=None, help="print the table of a --json file instead of running"
+    )
     p.add_argument("--worker", choices=list(FRAMEWORKS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.epochs < 1:
         p.error(f"--epochs must be >= 1, got {args.epochs}")
     if args.worker:
         worker(args.worker, args.seeds[0], args.epochs, args.data_dir)
+        return
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        epochs = saved.get("epochs", args.epochs)
+        seeds = [r["seed"] for r in next(iter(saved["runs"].values()))]
+        report(saved["runs"], saved["machine"], saved.get("load"), epochs, seeds)
         return
     runs: dict[str, list[dict]] = {n: [] for n in args.frameworks}
     load_before = os.getloadavg()
@@ -248,23 +261,25 @@ def main(argv: list[str] | None = None) -> None:
                 + " ".join(f"{s:.2f}" for s in r["epoch_seconds"]),
                 flush=True,
             )
+    load = [list(load_before), list(os.getloadavg())]
+    print(f"{time.perf_counter() - t0:.0f} s in all")
+    report(runs, machine(), load, args.epochs, args.seeds)
+    if args.json:
+        record = {"machine": machine(), "load": load, "epochs": args.epochs, "runs": runs}
+        Path(args.json).write_text(json.dumps(record, indent=1))
+
+
+def report(runs: dict, machine_line: str, load, epochs: int, seeds) -> None:
+    """Prints the machine, the load, the table and the targets."""
     summary = {n: summarize(rs) for n, rs in runs.items()}
-    load_after = os.getloadavg()
-    print(f"\n{machine()}")
-    print(
-        "load average (1, 5, 15 min) before "
-        + ", ".join(f"{x:.1f}" for x in load_before)
-        + "; after "
-        + ", ".join(f"{x:.1f}" for x in load_after)
-    )
-    print(
-        f"{args.epochs} epochs, median of seeds {args.seeds}, {time.perf_counter() - t0:.0f} s in all\n"
-    )
-    print(table(summary, args.epochs))
+    print(f"\n{machine_line}")
+    if load:
+        before, after = (", ".join(f"{x:.1f}" for x in v) for v in load)
+        print(f"load average (1, 5, 15 min): before {before}; after {after}")
+    print(f"{epochs} epochs, median over seeds {seeds}\n")
+    print(table(summary, epochs))
     print()
     print("\n".join(targets(summary)))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":

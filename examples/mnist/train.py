@@ -354,53 +354,54 @@ def train(
     d = _device_data(data, config)
     graphdef, state = _initial_state(config, tx)
     loop = _compile(config, graphdef, tx, state.params, state.opt_state, state.key, d)
-    log(f"compile: {loop.compile_seconds:.2f} s (train step and evaluation, ahead of time)")
-    params, opt_state, key, step, history = (
-        state.params,
-        state.opt_state,
-        state.key,
-        state.step,
-        list(state.history),
-    )
+    log(f"compile: {loop.compile_seconds:.2f} s (step, evaluation and shuffle, ahead of time)")
     all_losses = []
     for epoch in range(state.epoch + 1, config.epochs + 1):
-        key, perm = loop.shuffle(key)
-        perm = np.asarray(perm)  # the step loop slices it on the host: no device op per step
-        bar = _progress(config, epoch, len(perm))
-        t0 = time.perf_counter()
-        params, opt_state, losses = loop.run_epoch(params, opt_state, perm, bar)
-        t1 = time.perf_counter()
-        test_loss, correct = loop.evaluate(params)
-        test_loss, test_acc = float(test_loss), int(correct) / len(d["test_y"])
-        t2 = time.perf_counter()
-        if bar is not None:
-            bar.close()
-        step += len(perm)
+        state, losses = _train_epoch(config, loop, state, epoch, len(d["test_y"]))
         all_losses.append(losses)
-        history.append(
-            {
-                "epoch": epoch,
-                "step": step,
-                "train_loss": float(losses.mean()),
-                "test_loss": test_loss,
-                "test_accuracy": test_acc,
-                "train_seconds": t1 - t0,
-                "eval_seconds": t2 - t1,
-                "epoch_seconds": t2 - t0,
-                "examples_per_second": len(perm) * config.batch_size / (t1 - t0),
-            }
-        )
         if config.checkpoint_dir:
-            t3 = time.perf_counter()
-            ckpt.save(config, _State(params, opt_state, key, step, epoch, history))
-            history[-1]["checkpoint_seconds"] = time.perf_counter() - t3
-        log(_summary_line(history[-1], config.epochs))
+            t0 = time.perf_counter()
+            ckpt.save(config, state)
+            state.history[-1]["checkpoint_seconds"] = time.perf_counter() - t0
+        log(_summary_line(state.history[-1], config.epochs))
     total = time.perf_counter() - t_start
     losses = np.concatenate(all_losses) if all_losses else np.zeros(0, np.float32)
-    result = TrainResult(params, opt_state, history, losses, loop.compile_seconds, total)
+    result = TrainResult(
+        state.params, state.opt_state, state.history, losses, loop.compile_seconds, total
+    )
     if config.output_dir:
         write_outputs(config, result, log)
     return result
+
+
+def _train_epoch(
+    config: Config, loop: _Loop, state: _State, epoch: int, n_test: int
+) -> tuple[_State, np.ndarray]:
+    """One epoch: shuffle, train, evaluate; returns the new state and the step losses."""
+    key, perm = loop.shuffle(state.key)
+    perm = np.asarray(perm)  # the step loop slices it on the host: no device op per step
+    bar = _progress(config, epoch, len(perm))
+    t0 = time.perf_counter()
+    params, opt_state, losses = loop.run_epoch(state.params, state.opt_state, perm, bar)
+    t1 = time.perf_counter()
+    test_loss, correct = loop.evaluate(params)
+    test_loss, test_acc = float(test_loss), int(correct) / n_test
+    t2 = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    step = state.step + len(perm)
+    row = {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": float(losses.mean()),
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+        "train_seconds": t1 - t0,
+        "eval_seconds": t2 - t1,
+        "epoch_seconds": t2 - t0,
+        "examples_per_second": len(perm) * config.batch_size / (t1 - t0),
+    }
+    return _State(params, opt_state, key, step, epoch, [*state.history, row]), losses
 
 
 def _summary_line(row: dict[str, Any], epochs: int) -> str:
