@@ -164,3 +164,23 @@ def test_cli_rejects_bad_values_by_name():
     assert "--epochs" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("--optimizer", "sgd")
     assert proc.returncode == 2 and "--optimizer" in proc.stderr
+
+
+def test_cli_trains_writes_outputs_and_resumes(mnist_dir, tmp_path, capsys):
+    import mnist_mlp
+
+    out = tmp_path / "run"
+    argv = ["--data-dir", str(mnist_dir), "--output-dir", str(out), "--no-progress"]
+    argv += ["--hidden", "16", "--train-subset", "512", "--test-subset", "256"]
+    assert mnist_mlp.main([*argv, "--epochs", "1"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs"][0]["epoch"] == 1
+    assert (out / "training.png").is_file() and (out / "checkpoints" / "1").is_dir()
+    assert "epoch  1/1" in capsys.readouterr().out
+
+    assert mnist_mlp.main([*argv, "--epochs", "2"]) == 2  # would overwrite: refused
+    assert "--resume" in capsys.readouterr().err
+
+    assert mnist_mlp.main([*argv, "--epochs", "2", "--resume"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["epochs"]] == [1, 2]
+    assert metrics["config"]["resume"] is True

@@ -96,7 +96,7 @@ def restore_or_check(config: Config, fresh: Any) -> Any:
     if not config.resume:
         raise CheckpointError(
             f"{directory} already holds checkpoints (latest: epoch {epoch}); pass --resume to "
-            "continue from it, or choose another --checkpoint-dir"
+            "continue from it, or choose another --checkpoint-dir (or delete that one)"
         )
     template = {
         "params": fresh.params,
