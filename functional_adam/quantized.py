@@ -224,7 +224,15 @@ def quantize(x: jax.Array, block_size: int, *, signed: bool) -> BlockQuantized:
 
 
 def encode_blocks(blocks: jax.Array, *, signed: bool) -> BlockQuantized:
-    """:func:`quantize` of an array already shaped ``(n_blocks, block_size)`` (float32)."""
+    """:func:`quantize` of an array already shaped ``(n_blocks, block_size)`` (float32).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = encode_blocks(jnp.array([[1.0, -0.5], [0.0, 0.0]]), signed=True)
+        >>> q.scale, decode_blocks(q, signed=True).round(4)  # -0.5 -> -(0.1 + 0.9·28.5/64)
+        (Array([1., 0.], dtype=float32), Array([[ 1.    , -0.5008],
+               [ 0.    ,  0.    ]], dtype=float32))
+    """
     codec = make_codec(signed)
     # max(max x, -min x): plain reductions, which XLA:CPU runs faster than max |x|.
     scale = jnp.max(blocks, axis=1, initial=0.0)
@@ -248,6 +256,36 @@ def decode_blocks(q: BlockQuantized, *, signed: bool) -> jax.Array:
     if not signed:
         return magnitude
     return jnp.where((codes < 0) & (codes > -128), -magnitude, magnitude)
+
+
+def encode_second_moment(v: jax.Array) -> BlockQuantized:
+    """``v`` (``(n, block_size)`` blocks, >= 0) stored as the unsigned codes of ``sqrt(v)``.
+
+    Two departures from storing ``v`` itself, both against the "zero-point
+    problem" (Li et al., "Memory Efficient Optimizers with 4-bit States", 2023):
+    a ``v`` rounded to 0 while ``m`` is not makes ``m / (sqrt(v) + eps)`` huge.
+    Storing ``sqrt(v)`` halves the dynamic range the map must cover (``v``'s
+    smallest code is ``3.25e-7`` of the block maximum, gradients 2,500 times
+    smaller than the block's largest were lost; ``sqrt(v)`` keeps them down to
+    ``3.25e-7``), and a positive value is never rounded to 0 but to the smallest
+    code (which can only shrink the step).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = encode_second_moment(jnp.array([[4.0, 1.0, 0.0, 1e-20]]))
+        >>> q.scale, q.codes  # scale: max sqrt(v) = 2; 1e-20 gets code 1, not 0
+        (Array([2.], dtype=float32), Array([[255, 183,   0,   1]], dtype=uint8))
+        >>> decode_second_moment(q).round(4)  # 1 -> (2·(0.1 + 0.9·56.5/128))² (bin 56)
+        Array([[4.    , 0.9891, 0.    , 0.    ]], dtype=float32)
+    """
+    root = jnp.sqrt(v)
+    q = encode_blocks(root, signed=False)
+    return q._replace(codes=jnp.where((root > 0) & (q.codes == 0), jnp.uint8(1), q.codes))
+
+
+def decode_second_moment(q: BlockQuantized) -> jax.Array:
+    """The inverse of :func:`encode_second_moment`: ``v`` as float32 blocks."""
+    return jnp.square(decode_blocks(q, signed=False))
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "signed"))

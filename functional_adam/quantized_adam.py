@@ -6,7 +6,8 @@ Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022
 (:mod:`functional_adam.quantized`): ``m`` with the signed map (int8 codes),
 ``v`` with the unsigned map (uint8 codes), about 2 bytes per parameter instead
 of 8. Unlike bitsandbytes, ``nu`` holds the codes of ``sqrt(v)``, and a positive
-value never gets the zero code (:func:`encode_second_moment`): with ``v``
+value never gets the zero code
+(:func:`~functional_adam.quantized.encode_second_moment`): with ``v``
 itself, the gradients more than ~2,500 times smaller than their block's largest
 had ``v`` rounded to 0 and Adam steps up to 9 times too large.
 
@@ -52,7 +53,9 @@ from functional_adam.quantized import (
     BlockQuantized,
     check_block_size,
     decode_blocks,
+    decode_second_moment,
     encode_blocks,
+    encode_second_moment,
     zeros,
 )
 from functional_adam.tree import (
@@ -72,7 +75,7 @@ class ScaleByAdam8bitState(NamedTuple):
     """State of :func:`scale_by_adam_8bit`: per leaf, a ``BlockQuantized`` or a float array.
 
     For a quantized leaf, ``mu`` holds int8 codes of ``m`` and ``nu`` uint8 codes of
-    ``sqrt(v)`` (decode with :func:`decode_second_moment`).
+    ``sqrt(v)`` (decode with :func:`~functional_adam.quantized.decode_second_moment`).
     """
 
     count: jax.Array  # int32 scalar, saturating
@@ -85,28 +88,6 @@ def _is_quantized(x: Any) -> bool:
 
 
 _CHUNK_ELEMENTS = 2**16  # elements per loop iteration: the temporaries stay in cache
-
-
-def encode_second_moment(v: jax.Array) -> BlockQuantized:
-    """``v`` (``(n, block_size)`` blocks, >= 0) stored as the unsigned codes of ``sqrt(v)``.
-
-    Two departures from storing ``v`` itself, both against the "zero-point
-    problem" (Li et al., "Memory Efficient Optimizers with 4-bit States", 2023):
-    a ``v`` rounded to 0 while ``m`` is not makes ``m / (sqrt(v) + eps)`` huge.
-    Storing ``sqrt(v)`` halves the dynamic range the map must cover (``v``'s
-    smallest code is ``3.25e-7`` of the block maximum, gradients 2,500 times
-    smaller than the block's largest were lost; ``sqrt(v)`` keeps them down to
-    ``3.25e-7``), and a positive value is never rounded to 0 but to the smallest
-    code (which can only shrink the step).
-    """
-    root = jnp.sqrt(v)
-    q = encode_blocks(root, signed=False)
-    return q._replace(codes=jnp.where((root > 0) & (q.codes == 0), jnp.uint8(1), q.codes))
-
-
-def decode_second_moment(q: BlockQuantized) -> jax.Array:
-    """The inverse of :func:`encode_second_moment`: ``v`` as float32 blocks."""
-    return jnp.square(decode_blocks(q, signed=False))
 
 
 def _blocks_step(g, m_q, v_q, bc, hyper, nesterov, convention):
