@@ -48,8 +48,10 @@ def adam(
         learning_rate: a non-negative float, array, or schedule ``count -> lr``.
         b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov: see ``scale_by_adam``.
         flat: keep the moments in one contiguous buffer per dtype
-            (:func:`functional_adam.flatten`): one set of loops and a compile
-            time that do not grow with the number of leaves. Same numbers.
+            (:func:`functional_adam.flatten`): one set of Adam loops for all
+            leaves. Moments bitwise the default path's, updates within a few
+            ulps (so long runs drift apart as any reordering of float math
+            does). On XLA:CPU it pays only for many tiny leaves (BENCHMARKS.md).
 
     Returns:
         ``chain(scale_by_adam(...), scale_by_learning_rate(learning_rate))``.
