@@ -14,6 +14,7 @@ downloaded there (into the first of them) when absent. See docs/mnist.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -131,11 +132,28 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
+def _make_dirs(config: Config) -> None:
+    """Creates the output and checkpoint directories now, not after an hour of training."""
+    for flag, directory in (
+        ("--output-dir", config.output_dir),
+        ("--checkpoint-dir", config.checkpoint_dir),
+    ):
+        if not directory:
+            continue
+        try:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{flag} {directory!r} cannot be created: {e.strerror}") from e
+        if not os.access(directory, os.W_OK):
+            raise ConfigError(f"{flag} {directory!r} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parses ``argv``, trains, and returns the exit status (2 on a usage or data error)."""
     parser = build_parser()
     config = config_from_args(parser.parse_args(argv))
     try:
+        _make_dirs(config)
         train(config)
     except (ConfigError, MnistError, CheckpointError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

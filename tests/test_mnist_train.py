@@ -184,3 +184,14 @@ def test_cli_trains_writes_outputs_and_resumes(mnist_dir, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["epoch"] for r in metrics["epochs"]] == [1, 2]
     assert metrics["config"]["resume"] is True
+
+
+def test_cli_output_dir_that_cannot_be_created_is_named(mnist_dir, tmp_path, capsys):
+    import mnist_mlp
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    argv = ["--data-dir", str(mnist_dir), "--output-dir", str(blocker / "run"), "--no-progress"]
+    assert mnist_mlp.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir" in err and str(blocker / "run") in err and "Traceback" not in err
