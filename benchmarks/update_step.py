@@ -63,38 +63,69 @@ def jax_runner(tx: fa.GradientTransformation, sizes: list[int]) -> Callable[[], 
     return run
 
 
-def torch_runner(sizes: list[int], **kwargs) -> Callable[[], None]:
+def _torch_device() -> str | None:
+    """Where PyTorch runs next to JAX: the same kind of device, or ``None`` (no torch, or no GPU)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if jax.default_backend() == "cpu":
+        return "cpu"
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else None
+
+
+def torch_runner(sizes: list[int], device: str, **kwargs) -> Callable[[], None]:
     import torch
 
-    params = [torch.randn(s, requires_grad=True) for s in sizes]
+    params = [torch.randn(s, device=device, requires_grad=True) for s in sizes]
     for p in params:
-        p.grad = torch.randn(s := p.shape[0])
-        del s
+        p.grad = torch.randn(p.shape[0], device=device)
     opt = torch.optim.Adam(params, lr=1e-3, **kwargs)
-    opt.step()
-    return opt.step
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run():
+        opt.step()
+        sync()
+
+    run()
+    return run
 
 
 def streaming_limits_gbps(n: int, repeats: int = 10) -> dict[str, float]:
-    """Fastest in-place ``a += b`` bandwidth (12 B/element) over a few runs, per kernel.
+    """Fastest streaming bandwidth over a few runs, per kernel (bytes read + written).
 
-    ``torch a+=b`` (CPU only) is PyTorch's multithreaded kernel; ``jax a+b`` is a
-    donated jitted add, the streaming speed of the compiler that runs our step.
+    On the CPU, ``torch a+=b`` is PyTorch's multithreaded in-place add (12 B/element).
+    On a GPU, ``torch copy`` is a device-to-device copy (8 B/element), timed over
+    20 copies between synchronizations. ``jax a+b`` is a donated jitted add, the
+    streaming speed of the compiler that runs our step.
     """
     limits = {}
-    if jax.default_backend() == "cpu":
-        try:
-            import torch
+    device = _torch_device()
+    if device == "cpu":
+        import torch
 
-            a, b = torch.randn(n), torch.randn(n)
-            best = 0.0
-            for _ in range(repeats):
-                t = time.perf_counter()
-                a += b
-                best = max(best, 12 * n / (time.perf_counter() - t) / 1e9)
-            limits["torch a+=b"] = best
-        except ImportError:
-            pass
+        a, b = torch.randn(n), torch.randn(n)
+        best = 0.0
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a += b
+            best = max(best, 12 * n / (time.perf_counter() - t) / 1e9)
+        limits["torch a+=b"] = best
+    elif device == "cuda":
+        import torch
+
+        a, b = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
+        b.copy_(a)
+        torch.cuda.synchronize()
+        best = 0.0
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(20):
+                b.copy_(a)
+            torch.cuda.synchronize()
+            best = max(best, 20 * 8 * n / (time.perf_counter() - t) / 1e9)
+        limits["torch copy"] = best
+        del a, b
     add = jax.jit(lambda a, b: a + b, donate_argnums=0)
     a, b = jnp.ones(n), jnp.ones(n)
     a = add(a, b).block_until_ready()
@@ -117,6 +148,19 @@ def time_methods(runners: dict[str, Callable[[], None]], rounds: int, reps: int)
                 run()
                 samples[name].append((time.perf_counter() - t) * 1e3)
     return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def array_fusions(tx, leaves: int = 1, size: int = 1_000_000) -> int:
+    """Fusions (loops or kernels) in the compiled step's entry computation that make arrays."""
+    params = _tree(_leaf_sizes(size, leaves), 0)
+
+    def step(params, state, grads):
+        return fa.update_and_apply(tx, grads, state, params)
+
+    text = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
+    text = text.compile().as_text()
+    entry = text[text.index("ENTRY") :]
+    return sum(1 for line in entry.splitlines() if " fusion(" in line and "[]" not in line)
 
 
 def compile_seconds(tx, leaves: int, size: int = 1000) -> float:
@@ -147,11 +191,23 @@ def main(argv: list[str] | None = None) -> None:
         f"# {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
         f"optax {optax.__version__}, python {platform.python_version()}"
     )
+    torch_device = None if args.no_torch else _torch_device()
+    methods = {
+        "functional_adam": lambda: fa.adam(1e-3),
+        "functional_adam flat": lambda: fa.adam(1e-3, flat=True),
+        "optax.adam": lambda: optax.adam(1e-3),
+    }
+    print("\n| method | array fusions in the compiled step, 1 leaf | 100 leaves |")
+    print("|---|---:|---:|")
+    for name, make in methods.items():
+        print(f"| {name} | {array_fusions(make())} | {array_fusions(make(), 100)} |")
+
     print("\n| params | leaves | method | ms/step (median) | GB/s @28B | of limit | of XLA's |")
     print("|---:|---:|---|---:|---:|---:|---:|")
     for n in sizes:
         limits = streaming_limits_gbps(n)
-        limit, xla_limit = max(limits.values()), limits["jax a+b (donated)"]
+        xla_limit = limits["jax a+b (donated)"]
+        limit = limits.get("torch copy", max(limits.values()))  # on a GPU, the copy bandwidth
         for how, gbps in limits.items():
             limit_ms = BYTES_PER_PARAM * n / gbps / 1e9 * 1e3
             print(
@@ -160,20 +216,16 @@ def main(argv: list[str] | None = None) -> None:
             )
         for leaves in args.leaves:
             leaf_sizes = _leaf_sizes(n, leaves)
-            runners = {
-                "functional_adam": jax_runner(fa.adam(1e-3), leaf_sizes),
-                "functional_adam flat": jax_runner(fa.adam(1e-3, flat=True), leaf_sizes),
-                "optax.adam": jax_runner(optax.adam(1e-3), leaf_sizes),
-            }
+            runners = {name: jax_runner(make(), leaf_sizes) for name, make in methods.items()}
             medians = time_methods(runners, args.rounds, args.reps)
             del runners
-            if not args.no_torch and jax.default_backend() == "cpu":
+            if not args.no_torch and torch_device is not None:
                 # Timed in a phase of their own: right after a JAX step, XLA's worker
                 # threads still spin and would take the cores from PyTorch's.
                 time.sleep(0.5)
                 torch_runners = {
-                    "torch Adam fused": torch_runner(leaf_sizes, fused=True),
-                    "torch Adam foreach": torch_runner(leaf_sizes, foreach=True),
+                    "torch Adam fused": torch_runner(leaf_sizes, torch_device, fused=True),
+                    "torch Adam foreach": torch_runner(leaf_sizes, torch_device, foreach=True),
                 }
                 medians |= time_methods(torch_runners, args.rounds, args.reps)
             for name, ms in medians.items():

@@ -16,6 +16,7 @@ import jax
 from functional_adam.adam import scale_by_adam, scale_by_amsgrad
 from functional_adam.base import GradientTransformation, Params, ScalarOrSchedule, chain
 from functional_adam.fused import flatten
+from functional_adam.fused_adam import attach, fused_adam
 from functional_adam.learning_rate import scale_by_learning_rate
 from functional_adam.weight_decay import add_decayed_weights
 
@@ -66,12 +67,16 @@ def adam(
         >>> round(float(fa.apply_updates(x, updates)), 6)
         4.999
     """
-    return chain(
+    tx = chain(
         _direction(
             scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov=nesterov), flat
         ),
         scale_by_learning_rate(learning_rate),
     )
+    if flat:
+        return tx
+    hyperparameters = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov)
+    return attach(tx, fused_adam(learning_rate=learning_rate, **hyperparameters))
 
 
 def adamw(
@@ -112,13 +117,20 @@ def adamw(
         >>> updates["w"], updates["b"]
         (Array([-0.0001, -0.0001], dtype=float32), Array([-0., -0.], dtype=float32))
     """
-    return chain(
+    tx = chain(
         _direction(
             scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov=nesterov), flat
         ),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
+    if flat:
+        return tx
+    hyperparameters = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov)
+    fused = fused_adam(
+        learning_rate=learning_rate, weight_decay=weight_decay, mask=mask, **hyperparameters
+    )
+    return attach(tx, fused)
 
 
 def amsgrad(

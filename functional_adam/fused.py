@@ -230,5 +230,10 @@ def update_and_apply(
         >>> [round(float(x), 3) for x in params]
         [0.9, 1.1]
     """
+    fused = getattr(tx.update, "fused_update_and_apply", None)
+    if fused is not None:
+        result = fused(grads, state, params, **extra_args)
+        if result is not None:
+            return result
     updates, state = tx.update(grads, state, params, **extra_args)
     return apply_updates(params, updates), state
