@@ -24,6 +24,7 @@ from functional_adam.base import (
     identity,
 )
 from functional_adam.conventions import Convention
+from functional_adam.flat_params import FlatParams
 from functional_adam.fused import FlatState, flatten, update_and_apply
 from functional_adam.learning_rate import (
     ScaleByScheduleState,
@@ -47,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Convention",
     "EmptyState",
+    "FlatParams",
     "FlatState",
     "GradientTransformation",
     "MasterWeightsState",

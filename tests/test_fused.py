@@ -16,27 +16,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 import functional_adam as fa
-from tests.trees import gradient_stream, mixed_tree
+from tests.trees import assert_within_ulps, gradient_stream, mixed_tree
 
 STEPS = 40
-
-
-def _components(x):
-    x = np.asarray(x.astype(jnp.float32) if x.dtype.itemsize < 4 else x)
-    return (x.real, x.imag) if x.dtype.kind == "c" else (x,)
-
-
-def _assert_within_ulps(actual, expected, ulps, scale_floor=0.0):
-    """Each element within ``ulps`` units in the last place of max(itself, ``scale_floor``),
-    per real component."""
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        assert a.dtype == e.dtype and a.shape == e.shape
-        if a.size == 0:
-            continue
-        for x, y in zip(_components(a), _components(e), strict=True):
-            scale = np.maximum(np.maximum(np.abs(x), np.abs(y)), scale_floor)
-            tol = ulps * np.spacing(scale.astype(x.dtype)).astype(np.float64)
-            assert np.all(np.abs(x.astype(np.float64) - y) <= tol), (x, y)
 
 
 FACTORIES = {
@@ -62,12 +44,12 @@ def test_flat_equals_default(name, dtype):
         # XLA:CPU evaluates the last division and square root of one long buffer (vector
         # loop) and of short leaves (scalar remainder loops) a few ulps apart: measured
         # worst case 4 ulps of the learning rate, the scale of an Adam step (|u| <~ lr).
-        _assert_within_ulps(u_flat, u_default, 4, scale_floor=1e-2)
+        assert_within_ulps(u_flat, u_default, 4, scale_floor=1e-2)
         # The moments, which carry the run from step to step, stay bitwise equal (complex
         # second moments: within 1 ulp), cut back into the tree.
         inner = s_flat[0].inner_state
-        _assert_within_ulps(fa.fused.unflatten_tree(inner.mu, params), s_default[0].mu, 0)
-        _assert_within_ulps(
+        assert_within_ulps(fa.fused.unflatten_tree(inner.mu, params), s_default[0].mu, 0)
+        assert_within_ulps(
             fa.fused.unflatten_tree(inner.nu, params),
             s_default[0].nu,
             1 if dtype == "complex64" else 0,
@@ -169,26 +151,37 @@ def _array_fusions(hlo_text):
     ]
 
 
+def _xla_adam(flat=False):
+    """``fa.adam(1e-3)`` without the CPU kernel attached: the XLA path."""
+    return fa.chain(_direction(fa.scale_by_adam(), flat), fa.scale_by_learning_rate(1e-3))
+
+
+def _direction(tx, flat):
+    return fa.flatten(tx) if flat else tx
+
+
 def test_update_and_apply_is_one_pass_per_moment_and_param():
-    """One leaf: XLA emits a loop for m, one for v and one that computes Adam's direction
-    and writes θ in the same pass; there is no separate loop for apply_updates."""
-    compiled = _compiled_step(fa.adam(1e-3), {"w": jnp.zeros(1 << 16)})
+    """One leaf, XLA path: XLA emits a loop for m, one for v and one that computes Adam's
+    direction and writes θ in the same pass; there is no separate loop for apply_updates."""
+    compiled = _compiled_step(_xla_adam(), {"w": jnp.zeros(1 << 16)})
     assert len(_array_fusions(compiled.as_text())) <= 3
 
 
 def test_flat_has_fewer_loops_than_leaves():
     params = {f"layer{i}": jnp.zeros(256) for i in range(100)}
-    default = len(_array_fusions(_compiled_step(fa.adam(1e-3), params).as_text()))
-    flat = len(_array_fusions(_compiled_step(fa.adam(1e-3, flat=True), params).as_text()))
+    default = len(_array_fusions(_compiled_step(_xla_adam(), params).as_text()))
+    flat = len(_array_fusions(_compiled_step(_xla_adam(flat=True), params).as_text()))
     assert default >= 200  # a few loops per leaf
     assert flat < default / 2, (flat, default)
 
 
-@pytest.mark.parametrize("flat", [False, True])
-def test_donation_leaves_no_second_copy_of_the_state(flat):
+@pytest.mark.parametrize("path", ["xla", "flat", "kernel"])
+def test_donation_leaves_no_second_copy_of_the_state(path):
     params = {"w": jnp.zeros((256, 256)), "b": jnp.zeros(256)}
-    tx = fa.adam(1e-3, flat=flat)
+    tx = fa.adam(1e-3) if path == "kernel" else _xla_adam(flat=path == "flat")
+    flat = path == "flat"
     compiled = _compiled_step(tx, params)
+    assert ("functional_adam_adam_f32" in compiled.as_text()) == (path == "kernel")
     stats = compiled.memory_analysis()
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(tx.init(params)))
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))

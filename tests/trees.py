@@ -39,3 +39,21 @@ def gradient_stream(params, steps: int, seed: int = 1, scale: float = 1.0):
             grads.append(jnp.asarray(g, p.dtype))
         stream.append(treedef.unflatten(grads))
     return stream
+
+
+def _components(x):
+    x = np.asarray(x.astype(jnp.float32) if x.dtype.itemsize < 4 else x)
+    return (x.real, x.imag) if x.dtype.kind == "c" else (x,)
+
+
+def assert_within_ulps(actual, expected, ulps, scale_floor=0.0):
+    """Each element within ``ulps`` units in the last place of max(itself, ``scale_floor``),
+    per real component; dtypes and shapes equal."""
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        if a.size == 0:
+            continue
+        for x, y in zip(_components(a), _components(e), strict=True):
+            scale = np.maximum(np.maximum(np.abs(x), np.abs(y)), scale_floor)
+            tol = ulps * np.spacing(scale.astype(x.dtype)).astype(np.float64)
+            assert np.all(np.abs(x.astype(np.float64) - y) <= tol), (x, y)

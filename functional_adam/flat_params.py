@@ -1,0 +1,131 @@
+"""``FlatParams``: parameters that live in one contiguous buffer per dtype (and group).
+
+Opt-in, for models with many leaves. ``FlatParams.of(params)`` copies the leaves
+into one 1-D buffer per dtype and keeps the tree structure on the side, as
+static pytree metadata. It is a pytree whose leaves are the buffers, so every
+optimizer works on it unchanged, and its moments are flat too: with
+:func:`functional_adam.update_and_apply` the whole Adam step is one pass over
+one buffer, so the step's speed and compile time do not depend on the number of
+leaves (BENCHMARKS.md). The model reads its parameters through
+:meth:`FlatParams.tree`, and ``jax.grad`` with respect to a ``FlatParams``
+returns a ``FlatParams`` of gradients::
+
+    flat = fa.FlatParams.of(params)
+    state = tx.init(flat)
+    grads = jax.grad(lambda f: loss(f.tree(), batch))(flat)
+    flat, state = fa.update_and_apply(tx, grads, state, flat)
+
+Groups split a dtype's buffer by a label, so that a transformation can treat
+groups differently, for example weight decay on matrices only::
+
+    flat = fa.FlatParams.of(params, groups=lambda path, leaf: "decay" if leaf.ndim > 1 else "")
+    tx = fa.adamw(1e-3, mask=lambda f: f.group_mask("decay"))
+
+Cost: the model's forward pass slices the buffer into leaves, and on XLA:CPU
+cutting one buffer into thousands of slices compiles slowly (BENCHMARKS.md);
+on few leaves, or on a GPU, the slices are cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from functional_adam.fused import LeafSpec
+
+Grouping = Callable[[tuple, jax.Array], str]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FlatParams:
+    """One 1-D buffer per ``"group/dtype"`` key; ``layout`` and ``treedef`` say where each leaf is.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import functional_adam as fa
+        >>> flat = fa.FlatParams.of({"w": jnp.ones((2, 2)), "b": jnp.zeros(2), "frozen": None})
+        >>> flat.buffers
+        {'float32': Array([0., 0., 1., 1., 1., 1.], dtype=float32)}
+        >>> flat.tree()["w"]
+        Array([[1., 1.],
+               [1., 1.]], dtype=float32)
+    """
+
+    buffers: dict[str, jax.Array]
+    layout: tuple[LeafSpec, ...] = dataclasses.field(metadata={"static": True})
+    treedef: Any = dataclasses.field(metadata={"static": True})
+
+    @classmethod
+    def of(cls, params: Any, groups: Grouping | None = None) -> FlatParams:
+        """Copies ``params``'s leaves into one buffer per dtype, or per (group, dtype).
+
+        Args:
+            params: a pytree of arrays (``None`` leaves are kept as ``None``).
+            groups: ``(path, leaf) -> label``; leaves with the same label and dtype share
+                a buffer (key ``"label/dtype"``, or ``"dtype"`` for the label ``""``).
+
+        Raises:
+            TypeError: for a leaf that is not an array, or a label that is not a string.
+        """
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        chunks: dict[str, list[jax.Array]] = {}
+        offsets: dict[str, int] = {}
+        specs = []
+        for path, leaf in flat:
+            if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
+                raise TypeError(
+                    f"FlatParams.of: params{jax.tree_util.keystr(path)} is "
+                    f"{type(leaf).__name__}, not an array."
+                )
+            label = groups(path, leaf) if groups is not None else ""
+            if not isinstance(label, str):
+                raise TypeError(
+                    f"FlatParams.of: groups returned {label!r} for "
+                    f"params{jax.tree_util.keystr(path)}; labels must be strings."
+                )
+            dtype = jnp.dtype(leaf.dtype).name
+            key = f"{label}/{dtype}" if label else dtype
+            # LeafSpec.dtype holds the buffer's key here (the dtype name, or "label/dtype").
+            specs.append(
+                LeafSpec(jax.tree_util.keystr(path), tuple(leaf.shape), key, offsets.get(key, 0))
+            )
+            offsets[key] = offsets.get(key, 0) + _size(leaf.shape)
+            chunks.setdefault(key, []).append(jnp.ravel(jnp.asarray(leaf)))
+        buffers = {key: jnp.concatenate(parts) for key, parts in chunks.items()}
+        return cls(buffers, tuple(specs), treedef)
+
+    def tree(self) -> Any:
+        """The parameters as the original pytree (slices of the buffers, reshaped)."""
+        leaves = [
+            jax.lax.slice(self.buffers[spec.dtype], (spec.offset,), (spec.offset + size,))
+            .reshape(spec.shape)
+            for spec in self.layout
+            for size in [_size(spec.shape)]
+        ]
+        return self.treedef.unflatten(leaves)
+
+    def group_mask(self, *labels: str) -> FlatParams:
+        """A mask for this structure: ``True`` for the buffers of the given group labels.
+
+        For ``mask=`` arguments, e.g. ``adamw(..., mask=lambda f: f.group_mask("decay"))``.
+        """
+        known = {key.rpartition("/")[0] for key in self.buffers}
+        unknown = set(labels) - known
+        if unknown:
+            raise ValueError(
+                f"FlatParams.group_mask: no group {sorted(unknown)}; the groups are {sorted(known)}."
+            )
+        mask = {key: key.rpartition("/")[0] in labels for key in self.buffers}
+        return dataclasses.replace(self, buffers=mask)
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    size = 1
+    for n in shape:
+        size *= n
+    return size
