@@ -17,10 +17,13 @@ B/param, the fraction of the limit and of XLA's own streaming; and compile time
 from __future__ import annotations
 
 import argparse
+import math
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,14 +48,41 @@ def _tree(sizes: list[int], seed: int) -> list[jax.Array]:
     ]
 
 
-def jax_runner(tx: fa.GradientTransformation, sizes: list[int]) -> Callable[[], None]:
-    """A closure that runs one jitted, donated step of ``tx`` (params and state in place)."""
+# name: (optimizer, how the step is taken, parameters as FlatParams?)
+METHODS: dict[str, tuple[Callable[[], Any], str, bool]] = {
+    "functional_adam, update + apply_updates": (lambda: fa.adam(1e-3), "update", False),
+    "functional_adam, update_and_apply": (lambda: fa.adam(1e-3), "fused", False),
+    "functional_adam, FlatParams": (lambda: fa.adam(1e-3), "fused", True),
+    "optax.adam": (lambda: optax.adam(1e-3), "update", False),
+}
+
+
+def _step(tx, how: str) -> Callable:
+    """The step ``(params, state, grads) -> (params, state)``; donated arguments come in
+    the order of the outputs."""
+    if how == "fused":
+        return lambda params, state, grads: fa.update_and_apply(tx, grads, state, params)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return fa.apply_updates(params, updates), state
+
+    return step
+
+
+def _inputs(sizes: list[int], flat: bool):
     params, grads = _tree(sizes, 0), _tree(sizes, 1)
+    if flat:
+        return fa.FlatParams.of(params), fa.FlatParams.of(grads)
+    return params, grads
 
-    def step(params, state, grads):  # donated arguments in the order of the outputs
-        return fa.update_and_apply(tx, grads, state, params)
 
-    jitted = jax.jit(step, donate_argnums=(0, 1))
+def jax_runner(method: str, sizes: list[int]) -> Callable[[], None]:
+    """A closure that runs one jitted, donated step (params and state in place)."""
+    make, how, flat = METHODS[method]
+    tx = make()
+    params, grads = _inputs(sizes, flat)
+    jitted = jax.jit(_step(tx, how), donate_argnums=(0, 1))
     box = [params, tx.init(params)]
 
     def run():
@@ -61,6 +91,13 @@ def jax_runner(tx: fa.GradientTransformation, sizes: list[int]) -> Callable[[], 
 
     run()
     return run
+
+
+def _lowered(method: str, sizes: list[int]):
+    make, how, flat = METHODS[method]
+    tx = make()
+    params, _ = _inputs(sizes, flat)
+    return jax.jit(_step(tx, how), donate_argnums=(0, 1)).lower(params, tx.init(params), params)
 
 
 def _torch_device() -> str | None:
@@ -150,27 +187,24 @@ def time_methods(runners: dict[str, Callable[[], None]], rounds: int, reps: int)
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
-def array_fusions(tx, leaves: int = 1, size: int = 1_000_000) -> int:
-    """Fusions (loops or kernels) in the compiled step's entry computation that make arrays."""
-    params = _tree(_leaf_sizes(size, leaves), 0)
+def loops(method: str, leaves: int, size: int = 1_000_000) -> tuple[int, int]:
+    """Fusions (loops, or GPU kernels) over parameter-sized arrays, and custom calls, in the
+    compiled step (scalar work such as the bias corrections is not counted)."""
+    text = _lowered(method, _leaf_sizes(size, leaves)).compile().as_text()
+    entry = text[text.index("ENTRY") :].splitlines()
 
-    def step(params, state, grads):
-        return fa.update_and_apply(tx, grads, state, params)
+    def big(line: str) -> bool:
+        shapes = re.findall(r"\[([\d,]+)\]", line.split("fusion(")[0])
+        return any(math.prod(int(d) for d in s.split(",")) >= 1000 for s in shapes)
 
-    text = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
-    text = text.compile().as_text()
-    entry = text[text.index("ENTRY") :]
-    return sum(1 for line in entry.splitlines() if " fusion(" in line and "[]" not in line)
+    fusions = sum(1 for line in entry if " fusion(" in line and big(line))
+    return fusions, sum(1 for line in entry if "custom-call(" in line)
 
 
-def compile_seconds(tx, leaves: int, size: int = 1000) -> float:
-    params = _tree([size] * leaves, 0)
-
-    def step(params, state, grads):
-        return fa.update_and_apply(tx, grads, state, params)
-
+def compile_seconds(method: str, leaves: int, size: int = 1000) -> float:
+    """Trace, lower and compile the jitted step, from scratch."""
     t = time.perf_counter()
-    jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+    _lowered(method, [size] * leaves).compile()
     return time.perf_counter() - t
 
 
@@ -192,15 +226,11 @@ def main(argv: list[str] | None = None) -> None:
         f"optax {optax.__version__}, python {platform.python_version()}"
     )
     torch_device = None if args.no_torch else _torch_device()
-    methods = {
-        "functional_adam": lambda: fa.adam(1e-3),
-        "functional_adam flat": lambda: fa.adam(1e-3, flat=True),
-        "optax.adam": lambda: optax.adam(1e-3),
-    }
-    print("\n| method | array fusions in the compiled step, 1 leaf | 100 leaves |")
+    print("\n| method | loops (fusions) + custom calls, 1 leaf | 100 leaves |")
     print("|---|---:|---:|")
-    for name, make in methods.items():
-        print(f"| {name} | {array_fusions(make())} | {array_fusions(make(), 100)} |")
+    for name in METHODS:
+        (f1, c1), (f100, c100) = loops(name, 1), loops(name, 100)
+        print(f"| {name} | {f1} + {c1} | {f100} + {c100} |")
 
     print("\n| params | leaves | method | ms/step (median) | GB/s @28B | of limit | of XLA's |")
     print("|---:|---:|---|---:|---:|---:|---:|")
@@ -216,10 +246,10 @@ def main(argv: list[str] | None = None) -> None:
             )
         for leaves in args.leaves:
             leaf_sizes = _leaf_sizes(n, leaves)
-            runners = {name: jax_runner(make(), leaf_sizes) for name, make in methods.items()}
+            runners = {name: jax_runner(name, leaf_sizes) for name in METHODS}
             medians = time_methods(runners, args.rounds, args.reps)
             del runners
-            if not args.no_torch and torch_device is not None:
+            if torch_device is not None:
                 # Timed in a phase of their own: right after a JAX step, XLA's worker
                 # threads still spin and would take the cores from PyTorch's.
                 time.sleep(0.5)
@@ -235,16 +265,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"| {gbps / xla_limit:.0%} |"
                 )
 
-    print(
-        "\n| leaves (1,000 params each) | functional_adam s | functional_adam flat s | optax s "
-        "| flat / optax |"
-    )
-    print("|---:|---:|---:|---:|---:|")
+    names = list(METHODS)
+    print("\n| leaves (1,000 params each) | " + " | ".join(f"{n} s" for n in names) + " |")
+    print("|---:|" + "---:|" * len(names))
     for leaves in args.compile_leaves:
-        ours = compile_seconds(fa.adam(1e-3), leaves)
-        flat = compile_seconds(fa.adam(1e-3, flat=True), leaves)
-        theirs = compile_seconds(optax.adam(1e-3), leaves)
-        print(f"| {leaves} | {ours:.3f} | {flat:.3f} | {theirs:.3f} | {flat / theirs:.2f} |")
+        seconds = [compile_seconds(name, leaves) for name in names]
+        print(f"| {leaves} | " + " | ".join(f"{s:.3f}" for s in seconds) + " |")
 
 
 if __name__ == "__main__":
