@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from functional_adam.fused import LeafSpec
+from functional_adam.fused import Layout, LeafSpec
 
 Grouping = Callable[[tuple, jax.Array], str]
 
@@ -97,13 +97,14 @@ class FlatParams:
             offsets[key] = offsets.get(key, 0) + _size(leaf.shape)
             chunks.setdefault(key, []).append(jnp.ravel(jnp.asarray(leaf)))
         buffers = {key: jnp.concatenate(parts) for key, parts in chunks.items()}
-        return cls(buffers, tuple(specs), treedef)
+        return cls(buffers, Layout(specs), treedef)
 
     def tree(self) -> Any:
         """The parameters as the original pytree (slices of the buffers, reshaped)."""
         leaves = [
-            jax.lax.slice(self.buffers[spec.dtype], (spec.offset,), (spec.offset + size,))
-            .reshape(spec.shape)
+            jax.lax.slice(self.buffers[spec.dtype], (spec.offset,), (spec.offset + size,)).reshape(
+                spec.shape
+            )
             for spec in self.layout
             for size in [_size(spec.shape)]
         ]

@@ -43,6 +43,29 @@ class LeafSpec(NamedTuple):
     offset: int
 
 
+class Layout(tuple):
+    """A tuple of :class:`LeafSpec` that hashes once.
+
+    A layout is static pytree metadata, so ``jax.jit`` hashes and compares it on
+    every call to find the compiled step; a plain tuple of 1,000 specs costs
+    about half a millisecond each time, this one a pointer comparison.
+    """
+
+    def __new__(cls, specs=()):
+        layout = super().__new__(cls, specs)
+        layout._hash = tuple.__hash__(layout)
+        return layout
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class FlatState:
@@ -68,7 +91,7 @@ def _layout(tree: Any) -> tuple[LeafSpec, ...]:
             LeafSpec(jax.tree_util.keystr(path), tuple(leaf.shape), dtype, offsets.get(dtype, 0))
         )
         offsets[dtype] = offsets.get(dtype, 0) + size
-    return tuple(specs)
+    return Layout(specs)
 
 
 def _check_layout(expected: tuple[LeafSpec, ...], actual: tuple[LeafSpec, ...], what: str) -> None:

@@ -63,7 +63,9 @@ def test_adamw_on_flat_params_equals_per_leaf_adamw():
 
 def _dot(tree, grads):
     """A loss whose gradient with respect to ``tree`` is ``grads``."""
-    return sum(jnp.sum(x * g) for x, g in zip(jax.tree.leaves(tree), jax.tree.leaves(grads)))
+    return sum(
+        jnp.sum(x * g) for x, g in zip(jax.tree.leaves(tree), jax.tree.leaves(grads), strict=True)
+    )
 
 
 def test_checkpoints_like_any_pytree(tmp_path):

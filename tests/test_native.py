@@ -46,7 +46,9 @@ CONFIGS = {
     ),
     "adamw_wd_schedule": lambda: fa.adamw(1e-2, weight_decay=lambda count: 0.01 * (count + 1)),
     "nadam": lambda: fa.nadam(3e-3, b1=0.8, b2=0.99),
-    "nadamw_prefix_mask": lambda: fa.nadamw(1e-2, weight_decay=0.1, mask={"dense": True, "rest": False}),
+    "nadamw_prefix_mask": lambda: fa.nadamw(
+        1e-2, weight_decay=0.1, mask={"dense": True, "rest": False}
+    ),
 }
 
 
@@ -240,7 +242,7 @@ def test_without_a_compiler_the_step_takes_the_xla_path_with_one_warning(tmp_pat
 
 def test_build_error_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    with pytest.raises(RuntimeError, match="/nonexistent/c..* could not run"):
+    with pytest.raises(RuntimeError, match=r"/nonexistent/c\+\+.* could not run"):
         native.build(tmp_path)
 
 
