@@ -36,6 +36,10 @@ BYTES_PER_PARAM = 28
 # Steps timed between two synchronizations: on a GPU the host's wait for the device
 # would otherwise be part of every step (the copy limit is timed over 20 copies).
 STEPS_PER_SYNC = 1 if jax.default_backend() == "cpu" else 10
+# Untimed steps before each method's block of timed steps: on the 2-core VM, a method's
+# first steps after another ran (or after a pause) are up to 1.4x slower, and
+# recover over about five steps.
+WARMUP = 5
 
 
 def _leaf_sizes(n: int, leaves: int) -> list[int]:
@@ -185,6 +189,8 @@ def time_methods(runners: dict[str, Callable[[], None]], rounds: int, reps: int)
     samples: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
+            for _ in range(WARMUP):  # the first steps after a switch run slower (all methods)
+                run()
             for _ in range(reps):
                 t = time.perf_counter()
                 run()
@@ -223,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--large", action="store_true", help="add 1e8 parameters")
     parser.add_argument("--leaves", type=int, nargs="+", default=[1, 100, 1000])
     parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds (default 5)")
-    parser.add_argument("--reps", type=int, default=4, help="steps per method per round")
+    parser.add_argument("--reps", type=int, default=8, help="timed steps per method per round")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     parser.add_argument("--compile-leaves", type=int, nargs="+", default=[10, 100, 1000])
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The fast paths: ``flatten`` (one contiguous buffer per dtype) and ``update_and_apply``.
+"""The fast paths: ``flatten`` (moments in one buffer per dtype) and ``update_and_apply``.
 
 An Adam step is memory-bound: in float32 it must read θ, g, m, v and write
 θ, m, v, 28 bytes per parameter. Under ``jax.jit`` XLA fuses the per-leaf
@@ -180,9 +180,9 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
     add_decayed_weights(wd, mask), ...)``), where the tree is the user's.
 
     Measured on XLA:CPU (BENCHMARKS.md): cutting the flat update back into
-    thousands of leaves compiles slowly (1,000 slices of one buffer: ~30 s), so
-    there it only pays for many tiny leaves; the default per-leaf path is the
-    faster one for most models.
+    thousands of leaves compiles slowly (1,000 slices of one buffer: 9-30 s), so
+    there it only pays for many tiny leaves. To make the parameters flat as
+    well, and the step one pass, see :class:`functional_adam.FlatParams`.
 
     Args:
         inner: an elementwise transformation (Adam's direction, scaling, ...).
@@ -238,6 +238,9 @@ def update_and_apply(
 
     Under ``jax.jit`` XLA fuses the parameter update into the loop that
     computes Adam's direction, so each leaf's θ is read and written once.
+    For ``adam``/``adamw``/``nadam``/``nadamw`` on float32 or float64 leaves
+    on the CPU, the whole step is one pass of a compiled kernel over all leaves
+    (:mod:`functional_adam.fused_adam`, :mod:`functional_adam.native`).
     Donate ``params`` and ``state`` (``jax.jit(..., donate_argnums=...)``) so
     the new values are written in place, with no second copy of either.
 

@@ -157,7 +157,7 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<kDtype, 1> scalars,
     work->starts.push_back(work->starts.back() + size);
   }
   work->num_chunks = (work->starts.back() + kChunk - 1) / kChunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->num_chunks - 1);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, work->num_chunks - 1);
   for (int64_t t = 0; t < helpers; ++t) {
     pool.Schedule([work] { work->Run(); });  // a helper that starts late finds no chunk left
   }
