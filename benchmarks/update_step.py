@@ -1,13 +1,16 @@
 """Speed of one Adam step: functional_adam vs Optax vs PyTorch, against the memory-bandwidth limit.
 
 An fp32 Adam step reads θ, g, m, v and writes θ, m, v: 28 bytes per parameter.
-The streaming limit is that traffic at the bandwidth of an in-place ``a += b``
-(12 bytes per element) measured in the same run, with PyTorch's multithreaded
-kernel (CPU) and with a donated jitted ``a + b`` in JAX (the speed at which the
-compiler that runs our step streams; on a GPU, the device copy bandwidth); the
-faster is "the limit". Prints two tables: ms per step (median), GB/s at 28
-B/param, the fraction of the limit and of XLA's own streaming; and compile time
-(lower + compile) of the jitted step.
+The limit is that traffic at a streaming bandwidth measured in the same run: on
+the CPU PyTorch's multithreaded in-place ``a += b`` (12 bytes per element), on a
+GPU a device-to-device copy (8 bytes per element); a donated jitted ``a + b``
+(JAX's own streaming speed) is printed beside it. Methods: functional_adam's
+``update`` + ``apply_updates``, ``update_and_apply`` (the fused CPU kernel where
+it applies), ``update_and_apply`` on ``FlatParams``, ``optax.adam``, PyTorch's
+fused and foreach Adam, and the cost of calling a jitted step with that many
+arrays at all. Prints the loops each compiled step has, ms per step (median,
+after warm-up, round-robin), GB/s at 28 B/param and the fraction of the limit;
+then compile time (trace + lower + compile) of the jitted step.
 
     python benchmarks/update_step.py                 # 1e5, 1e6, 1e7 params
     python benchmarks/update_step.py --large         # and 1e8
@@ -61,6 +64,9 @@ METHODS: dict[str, tuple[Callable[[], Any], str, bool]] = {
     "functional_adam, update_and_apply": (lambda: fa.adam(1e-3), "fused", False),
     "functional_adam, FlatParams": (lambda: fa.adam(1e-3), "fused", True),
     "optax.adam": (lambda: optax.adam(1e-3), "update", False),
+    # Not an optimizer: a jitted, donated call that returns its inputs, so the cost of
+    # calling a compiled step with this many arrays (the floor under every per-leaf row).
+    "floor: jit call returning its inputs": (lambda: fa.adam(1e-3), "identity", False),
 }
 
 
@@ -69,6 +75,8 @@ def _step(tx, how: str) -> Callable:
     the order of the outputs."""
     if how == "fused":
         return lambda params, state, grads: fa.update_and_apply(tx, grads, state, params)
+    if how == "identity":
+        return lambda params, state, grads: (params, state)
 
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)

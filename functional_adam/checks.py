@@ -157,6 +157,11 @@ def check_same_structure(
     if detail is None and len(mine) != len(theirs):
         longer, owner = (mine, name) if len(mine) > len(theirs) else (theirs, what)
         detail = f"{longer[min(len(mine), len(theirs))][0]} is only in {owner}"
+    layouts = getattr(updates, "layout", None), getattr(reference, "layout", None)
+    if detail is None and None not in layouts:  # FlatParams: the leaves behind the buffers
+        from functional_adam.fused import layout_difference
+
+        detail = layout_difference(layouts[1], layouts[0])
     if detail is None:
         detail = (
             f"same paths but different containers: {jax.tree.structure(updates)} vs "

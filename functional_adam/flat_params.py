@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from functional_adam.fused import Layout, LeafSpec
+from functional_adam.fused import Layout, LeafSpec, check_same_device
 
 Grouping = Callable[[tuple, jax.Array], str]
 
@@ -71,11 +71,12 @@ class FlatParams:
 
         Raises:
             TypeError: for a leaf that is not an array, or a label that is not a string.
+            ValueError: for leaves of one buffer placed on different devices or shardings.
         """
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
         chunks: dict[str, list[jax.Array]] = {}
         offsets: dict[str, int] = {}
-        specs = []
+        specs, entries = [], []
         for path, leaf in flat:
             if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
                 raise TypeError(
@@ -95,7 +96,10 @@ class FlatParams:
                 LeafSpec(jax.tree_util.keystr(path), tuple(leaf.shape), key, offsets.get(key, 0))
             )
             offsets[key] = offsets.get(key, 0) + _size(leaf.shape)
-            chunks.setdefault(key, []).append(jnp.ravel(jnp.asarray(leaf)))
+            chunks.setdefault(key, []).append(leaf)
+            entries.append((jax.tree_util.keystr(path), key, leaf))
+        check_same_device(entries, "FlatParams.of")
+        chunks = {key: [jnp.ravel(jnp.asarray(x)) for x in parts] for key, parts in chunks.items()}
         buffers = {key: jnp.concatenate(parts) for key, parts in chunks.items()}
         return cls(buffers, Layout(specs), treedef)
 

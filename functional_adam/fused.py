@@ -94,35 +94,44 @@ def _layout(tree: Any) -> tuple[LeafSpec, ...]:
     return Layout(specs)
 
 
-def _check_layout(expected: tuple[LeafSpec, ...], actual: tuple[LeafSpec, ...], what: str) -> None:
+def layout_difference(expected: tuple[LeafSpec, ...], actual: tuple[LeafSpec, ...]) -> str | None:
+    """The first leaf where two layouts differ, in words; ``None`` if they are equal."""
     if expected == actual:
-        return
+        return None
     for old, new in zip(expected, actual, strict=False):
         if old != new:
-            raise ValueError(
-                f"flatten: the {what} changed since init: leaf {new.path} is {new.dtype}"
-                f"{list(new.shape)} where init saw {old.path} as {old.dtype}{list(old.shape)}. "
-                "A flat state is tied to the tree it was made for; call init again."
+            return (
+                f"leaf {new.path} is {new.dtype}{list(new.shape)} where init saw {old.path} "
+                f"as {old.dtype}{list(old.shape)}"
             )
-    longer, which = (actual, f"the {what}") if len(actual) > len(expected) else (expected, "init")
-    extra = longer[min(len(actual), len(expected))]
-    raise ValueError(f"flatten: leaf {extra.path} is only in {which}; the tree changed since init.")
+    longer, which = (actual, "the new tree") if len(actual) > len(expected) else (expected, "init")
+    return f"leaf {longer[min(len(actual), len(expected))].path} is only in {which}"
 
 
-def _check_same_device(tree: Any) -> None:
-    """Leaves sharing a buffer must share a placement (checked on concrete arrays only)."""
+def _check_layout(expected: tuple[LeafSpec, ...], actual: tuple[LeafSpec, ...], what: str) -> None:
+    difference = layout_difference(expected, actual)
+    if difference is not None:
+        raise ValueError(
+            f"flatten: the {what} changed since init: {difference}. "
+            "A flat state is tied to the tree it was made for; call init again."
+        )
+
+
+def check_same_device(entries: list[tuple[str, str, Any]], who: str) -> None:
+    """Leaves sharing a buffer must share a placement (checked on concrete arrays only).
+
+    ``entries`` are ``(path, buffer key, leaf)``; ``who`` starts the error message.
+    """
     first: dict[str, tuple[str, Any]] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for path, key, leaf in entries:
         sharding = getattr(leaf, "sharding", None) if isinstance(leaf, jax.Array) else None
         if sharding is None or isinstance(leaf, jax.core.Tracer):
             continue
-        dtype = jnp.dtype(leaf.dtype).name
-        name, seen = first.setdefault(dtype, (jax.tree_util.keystr(path), sharding))
+        name, seen = first.setdefault(key, (path, sharding))
         if seen != sharding:
             raise ValueError(
-                f"flatten: {jax.tree_util.keystr(path)} is placed on {sharding} but "
-                f"{name} (same dtype, same buffer) on {seen}; put the parameters on one "
-                "device (or one sharding) before init, or do not flatten."
+                f"{who}: {path} is placed on {sharding} but {name} (same buffer) on {seen}; "
+                "put the parameters on one device (or one sharding) first, or do not flatten."
             )
 
 
@@ -204,7 +213,10 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
     """
 
     def init(params: Params) -> FlatState:
-        _check_same_device(params)
+        entries = jax.tree_util.tree_flatten_with_path(params)[0]
+        check_same_device(
+            [(jax.tree_util.keystr(p), jnp.dtype(x.dtype).name, x) for p, x in entries], "flatten"
+        )
         return FlatState(inner.init(flatten_tree(params)), _layout(params))
 
     def update(updates: Updates, state: FlatState, params: Params | None = None, **extra_args):

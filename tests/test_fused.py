@@ -124,9 +124,15 @@ def test_leaves_on_different_devices_are_refused():
         except ValueError as err:
             print("refused:", err)
         fa.adam(1e-3).init(params)  # the default path keeps each leaf where it is
+        try:
+            fa.FlatParams.of(params)
+        except ValueError as err:
+            print("refused:", err)
+        fa.FlatParams.of(params, groups=lambda path, leaf: path[0].key)  # one buffer each: fine
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "refused: flatten: ['b'] is placed on" in out.stdout
+    assert "refused: FlatParams.of: ['b'] is placed on" in out.stdout
 
 
 def _compiled_step(tx, params):
@@ -174,9 +180,11 @@ def test_flat_has_fewer_loops_than_leaves():
     assert flat < default / 2, (flat, default)
 
 
-@pytest.mark.parametrize("path", ["xla", "flat", "kernel"])
+@pytest.mark.parametrize("path", ["xla", "flat", "kernel", "flat_params"])
 def test_donation_leaves_no_second_copy_of_the_state(path):
     params = {"w": jnp.zeros((256, 256)), "b": jnp.zeros(256)}
+    if path == "flat_params":
+        params, path = fa.FlatParams.of(params), "kernel"
     tx = fa.adam(1e-3) if path == "kernel" else _xla_adam(flat=path == "flat")
     flat = path == "flat"
     compiled = _compiled_step(tx, params)
