@@ -37,6 +37,8 @@ enum Scalar { kB1, kOneMinusB1, kB2, kOneMinusB2, kEps, kEpsRoot, kInvBc1, kInvB
               kNegLr, kWd, kNumScalars };
 
 constexpr int64_t kChunk = 1 << 15;  // elements per unit of work
+constexpr int64_t kBlock = 64;           // elements per prefetch block
+constexpr int64_t kPrefetchAhead = 512;  // elements
 
 template <typename T>
 struct Leaf {
@@ -55,26 +57,42 @@ void StepRange(const T* s, const Leaf<T>& x, int64_t lo, int64_t hi) {
   const T b1 = s[kB1], omb1 = s[kOneMinusB1], b2 = s[kB2], omb2 = s[kOneMinusB2];
   const T eps = s[kEps], eps_root = s[kEpsRoot], inv_bc1 = s[kInvBc1], inv_bc2 = s[kInvBc2];
   const T inv_bc1_next = s[kInvBc1Next], neg_lr = s[kNegLr], wd = s[kWd];
-  // Each element is read before it is written, at the same index, so the loop
-  // vectorizes even where a result is its operand's buffer (in place).
-#pragma GCC ivdep
-  for (int64_t i = lo; i < hi; ++i) {
-    const T g = x.g[i];
-    const T p = x.p_in[i];
-    const T m = omb1 * g + b1 * x.m_in[i];
-    const T v = omb2 * (g * g) + b2 * x.v_in[i];
-    const T v_hat = v * inv_bc2;
-    T m_hat;
-    if constexpr (kNesterov) {
-      m_hat = b1 * (m * inv_bc1_next) + omb1 * (g * inv_bc1);
-    } else {
-      m_hat = m * inv_bc1;
+  // Blocks of kBlock elements. Each block first asks for the cache lines kPrefetchAhead
+  // elements on, into all cache levels, so that loads are in flight while the core
+  // divides and takes square roots (float32, 1e7 parameters, 2-core Xeon: 0.37-0.43 ns
+  // per parameter instead of 0.43-0.47 without; BENCHMARKS.md).
+  constexpr int64_t line = 64 / sizeof(T);  // elements per 64-byte cache line
+  for (int64_t b = lo; b < hi; b += kBlock) {
+    if (b + kPrefetchAhead < hi) {
+      for (int64_t k = b + kPrefetchAhead; k < b + kPrefetchAhead + kBlock; k += line) {
+        __builtin_prefetch(x.g + k, 0, 3);
+        __builtin_prefetch(x.p_in + k, 1, 3);
+        __builtin_prefetch(x.m_in + k, 1, 3);
+        __builtin_prefetch(x.v_in + k, 1, 3);
+      }
     }
-    T u = m_hat / (std::sqrt(v_hat + eps_root) + eps);
-    if constexpr (kDecay) u = u + wd * p;
-    x.m[i] = m;
-    x.v[i] = v;
-    x.p[i] = p + neg_lr * u;
+    const int64_t e = std::min(b + kBlock, hi);
+    // Each element is read before it is written, at the same index, so the loop
+    // vectorizes even where a result is its operand's buffer (in place).
+#pragma GCC ivdep
+    for (int64_t i = b; i < e; ++i) {
+      const T g = x.g[i];
+      const T p = x.p_in[i];
+      const T m = omb1 * g + b1 * x.m_in[i];
+      const T v = omb2 * (g * g) + b2 * x.v_in[i];
+      const T v_hat = v * inv_bc2;
+      T m_hat;
+      if constexpr (kNesterov) {
+        m_hat = b1 * (m * inv_bc1_next) + omb1 * (g * inv_bc1);
+      } else {
+        m_hat = m * inv_bc1;
+      }
+      T u = m_hat / (std::sqrt(v_hat + eps_root) + eps);
+      if constexpr (kDecay) u = u + wd * p;
+      x.m[i] = m;
+      x.v[i] = v;
+      x.p[i] = p + neg_lr * u;
+    }
   }
 }
 
