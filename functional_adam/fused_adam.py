@@ -10,9 +10,10 @@ the same order (equal to the chain's results within a rounding of the last bit,
 tested in ``tests/test_native.py``).
 
 It applies where every parameter, gradient and moment is float32 (or every one
-float64) and the step runs on the CPU; anything else (bf16 moments, a GPU, a
-tree that does not match the state) takes the XLA path, which also gives the
-errors for bad input.
+float64) and the step runs on a machine whose only device is one CPU; anything
+else (bf16 moments, a GPU, several CPU devices that may shard the state, a tree
+that does not match the state) takes the XLA path, which also gives the errors
+for bad input.
 """
 
 from __future__ import annotations
@@ -96,19 +97,19 @@ def fused_adam(
     lr_tx = scale_by_learning_rate(learning_rate)
     decoupled = weight_decay is not None
 
-    def kernel_step(grads, state, params):
+    def kernel_step(found, state, flags):
         adam_state, lr_state = state[0], state[-1]
-        leaves, treedef, dtype = _kernel_leaves(grads, adam_state, params)
+        leaves, treedef, dtype = found
         count = safe_increment(adam_state.count)
         bc = bias_corrections(b1, b2, count)
         neg_lr, lr_state = lr_tx.update(jnp.ones([], dtype), lr_state)  # exactly -lr
-        rate, flags, middle = 0.0, [False] * len(leaves), ()
+        rate, middle = 0.0, ()
         if decoupled:
             wd_state, rate = state[1], weight_decay
             if callable(weight_decay):
                 rate = weight_decay(wd_state.count)
                 wd_state = WeightDecaySchedule(safe_increment(wd_state.count))
-            flags, middle = _decay_flags(mask, params), (wd_state,)
+            middle = (wd_state,)
         inverse = [1 / jnp.asarray(x).astype(dtype) for x in (bc.mu, bc.nu, bc.mu_next)]
         values = (b1, 1 - b1, b2, 1 - b2, eps, eps_root, *inverse, neg_lr, rate)
         scalars = jnp.stack([jnp.asarray(x).astype(dtype) for x in values])
@@ -120,13 +121,21 @@ def fused_adam(
         del extra_args
         if params is None or jax.default_backend() != "cpu":
             return None  # an accelerator is the default: XLA fuses the step there
+        if jax.device_count() > 1:
+            return None  # several CPU devices: the state may be sharded, and XLA cannot
+            # partition the kernel's call (it would gather every array onto each device)
         expected = 3 if decoupled else 2
         if not (isinstance(state, tuple) and len(state) == expected):
             return None
         if not isinstance(state[0], ScaleByAdamState) or not native.available():
             return None
-        if _kernel_leaves(grads, state[0], params) is None:
+        found = _kernel_leaves(grads, state[0], params)
+        if found is None:
             return None
-        return kernel_step(grads, state, params)
+        try:
+            flags = _decay_flags(mask, params) if decoupled else [False] * len(found[0])
+        except (ValueError, TypeError):
+            return None  # a mask that does not fit: the XLA path says so
+        return kernel_step(found, state, flags)
 
     return fused

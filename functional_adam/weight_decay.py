@@ -89,13 +89,19 @@ def add_decayed_weights(
         tree_mask = mask(params) if callable(mask) else mask
         if tree_mask is None:
             return _decay(True, updates, params, rate), state
-        decayed = jax.tree.map(
-            lambda m, u, p: _decay(m, u, p, rate),
-            tree_mask,
-            updates,
-            params,
-            is_leaf=lambda x: x is None,
-        )
+        try:
+            decayed = jax.tree.map(
+                lambda m, u, p: _decay(m, u, p, rate),
+                tree_mask,
+                updates,
+                params,
+                is_leaf=lambda x: x is None,
+            )
+        except ValueError as err:
+            raise ValueError(
+                "add_decayed_weights: the mask must have the structure of the params or of a "
+                f"prefix of it. {err}"
+            ) from None
         return decayed, state
 
     return GradientTransformation(init, update)

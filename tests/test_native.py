@@ -191,8 +191,11 @@ def test_no_recompilation_and_scan():
 
 
 def test_bad_trees_get_the_xla_paths_errors():
-    tx = fa.adam(1e-2)
     params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    tx = fa.adamw(1e-2, mask={"w": True, "x": False})
+    with pytest.raises(ValueError, match="add_decayed_weights: the mask must have the structure"):
+        fa.update_and_apply(tx, params, tx.init(params), params)
+    tx = fa.adam(1e-2)
     state = tx.init(params)
     with pytest.raises(ValueError, match=r"\['b'\]"):
         fa.update_and_apply(tx, {"w": jnp.ones(3)}, state, params)
@@ -250,3 +253,26 @@ def test_switched_off_by_environment():
     out = _run(STEP, FUNCTIONAL_ADAM_NATIVE="0")
     assert "kernel: False" in out.stdout and "params: [0.9" in out.stdout
     assert "RuntimeWarning" not in out.stderr
+
+
+def test_several_cpu_devices_keep_the_xla_path_and_the_sharding():
+    code = """
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        import jax, jax.numpy as jnp
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        import functional_adam as fa
+        mesh = Mesh(jax.devices(), ("x",))
+        sharded = NamedSharding(mesh, P("x"))
+        tx = fa.adam(0.1)
+        p = jax.device_put(jnp.ones(8), sharded)
+        state = jax.jit(tx.init)(p)  # the moments take the parameters' sharding
+        step = jax.jit(lambda p, s, g: fa.update_and_apply(tx, g, s, p))
+        print("kernel:", "functional_adam_adam" in step.lower(p, state, p).as_text())
+        new_p, new_state = step(p, state, p)
+        print("sharded:", new_p.sharding.is_equivalent_to(sharded, 1),
+              new_state[0].mu.sharding.is_equivalent_to(sharded, 1))
+    """
+    out = _run(code)
+    assert "kernel: False" in out.stdout
+    assert "sharded: True True" in out.stdout
