@@ -47,8 +47,8 @@ class Layout(tuple):
     """A tuple of :class:`LeafSpec` that hashes once.
 
     A layout is static pytree metadata, so ``jax.jit`` hashes and compares it on
-    every call to find the compiled step; a plain tuple of 1,000 specs costs
-    about half a millisecond each time, this one a pointer comparison.
+    every call to find the compiled step; for 1,000 specs a plain tuple costs
+    about 23 µs each time (2-core Xeon), this one 0.2 µs.
     """
 
     def __new__(cls, specs=()):

@@ -82,6 +82,18 @@ def test_checkpoints_like_any_pytree(tmp_path):
     np.testing.assert_array_equal(restored[0].tree()["w"], flat.tree()["w"])
 
 
+def test_no_recompilation_from_step_to_step():
+    """The layout is static metadata: each step's outputs reuse the compiled step."""
+    tx = fa.adam(1e-2)
+    flat = fa.FlatParams.of({f"layer{i}": jnp.ones((i + 1, 2)) for i in range(20)})
+    state = tx.init(flat)
+    step = jax.jit(lambda p, s, g: fa.update_and_apply(tx, g, s, p), donate_argnums=(0, 1))
+    for _ in range(3):
+        grads = jax.tree.map(jnp.ones_like, flat)
+        flat, state = step(flat, state, grads)
+    assert step._cache_size() == 1
+
+
 def test_state_of_another_layout_is_refused():
     tx = fa.adam(1e-2)
     state = tx.init(fa.FlatParams.of({"w": jnp.ones(3)}))

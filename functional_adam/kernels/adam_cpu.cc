@@ -11,11 +11,13 @@
 //
 // The operations and their order are those of functional_adam.adam_leaf,
 // add_decayed_weights, scale_by_learning_rate and apply_updates, so the result
-// equals the XLA path's (XLA turns a division by a scalar into a multiplication
-// by its reciprocal, and so does this kernel). The reciprocals of the bias
-// corrections and the learning rate are computed in JAX and arrive in `scalars`. p, m, v are updated in place: the Python side
-// aliases each of them to its result. Work is split in chunks over all leaves
-// together and shared with XLA's intra-op thread pool.
+// equals the XLA path's to the last bit or two (XLA turns a division by a scalar
+// into a multiplication by its reciprocal, and so does this kernel; where XLA
+// merges two divisions instead, the last bit can differ). The reciprocals of the
+// bias corrections and the learning rate are computed in JAX and arrive in
+// `scalars`. p, m, v are updated in place: the Python side aliases each of them
+// to its result. Work is split in chunks over all leaves together and shared
+// with XLA's intra-op thread pool; within a chunk, blocks prefetch ahead.
 
 #include <algorithm>
 #include <atomic>
@@ -32,11 +34,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Order of the entries of the `scalars` operand (kept in step with _SCALARS in native.py).
+// Order of the entries of the `scalars` operand (kept in step with SCALARS in native.py).
 enum Scalar { kB1, kOneMinusB1, kB2, kOneMinusB2, kEps, kEpsRoot, kInvBc1, kInvBc2, kInvBc1Next,
               kNegLr, kWd, kNumScalars };
 
-constexpr int64_t kChunk = 1 << 15;  // elements per unit of work
+constexpr int64_t kChunk = 1 << 15;      // elements per unit of work
 constexpr int64_t kBlock = 64;           // elements per prefetch block
 constexpr int64_t kPrefetchAhead = 512;  // elements
 
