@@ -6,12 +6,13 @@ instead of 28, BENCHMARKS.md) and launches them leaf by leaf. The C++ kernel in
 ``kernels/adam_cpu.cc`` makes one pass over all leaves together, in place, on
 XLA's intra-op thread pool, as ``torch.optim.Adam(fused=True)`` does.
 
-It is compiled on first use with the machine's C++ compiler (``$CXX`` or
-``c++``) against the XLA FFI headers that ship with jaxlib, and cached in
-``$FUNCTIONAL_ADAM_CACHE`` (default ``~/.cache/functional_adam``). Where that
-fails (no compiler, a read-only cache) :func:`available` is ``False``, one
-warning says why, and :func:`functional_adam.update_and_apply` takes the XLA
-path. ``FUNCTIONAL_ADAM_NATIVE=0`` switches the kernel off.
+It is compiled on first use (about 3 s) with the machine's C++ compiler
+(``$CXX`` or ``c++``) against the XLA FFI headers that ship with jaxlib, and
+cached in ``$FUNCTIONAL_ADAM_CACHE`` (default ``~/.cache/functional_adam``; if
+that cannot be written, a folder in the temporary directory). Where the build
+fails (no compiler, say) :func:`available` is ``False``, one warning says why,
+and :func:`functional_adam.update_and_apply` takes the XLA path.
+``FUNCTIONAL_ADAM_NATIVE=0`` switches the kernel off.
 """
 
 from __future__ import annotations
@@ -72,11 +73,20 @@ def build(cache_dir: Path | None = None) -> Path:
     compiler = shlex.split(os.environ.get("CXX", "c++"))
     headers = f"{jax.ffi.include_dir()} jaxlib {jaxlib.__version__}"
     key = "\n".join([SOURCE.read_text(), " ".join(compiler), *FLAGS, headers, _cpu_flags()])
+    name = f"adam_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     cache_dir = cache_dir or _cache_dir()
-    library = cache_dir / f"adam_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    if (cache_dir / name).exists():
+        return cache_dir / name
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=cache_dir).cleanup()  # writable?
+    except OSError:  # a read-only home: build in the temporary directory instead
+        user = getattr(os, "getuid", lambda: "user")()  # one folder per user (POSIX)
+        cache_dir = Path(tempfile.gettempdir()) / f"functional_adam-{user}"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    library = cache_dir / name
     if library.exists():
         return library
-    cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         partial = Path(tmp) / library.name
         command = [*compiler, *FLAGS, "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import chex
@@ -241,6 +242,25 @@ def test_without_a_compiler_the_step_takes_the_xla_path_with_one_warning(tmp_pat
     assert "params: [0.9" in out.stdout
     assert out.stderr.count("RuntimeWarning") == 1
     assert "/nonexistent/c++" in out.stderr and "FUNCTIONAL_ADAM_NATIVE=0" in out.stderr
+
+
+def test_read_only_cache_builds_in_the_temporary_directory(tmp_path, monkeypatch):
+    read_only = tmp_path / "cache"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    try:
+        if os.access(read_only, os.W_OK):  # root writes anywhere: make the cache a file
+            read_only.chmod(0o700)
+            read_only.rmdir()
+            read_only.write_text("not a folder")
+        monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+        library = native.build(read_only)
+        assert library.is_relative_to(tmp_path / "tmp") and library.exists()
+    finally:
+        if read_only.is_dir():
+            read_only.chmod(0o700)
 
 
 def test_build_error_names_the_command(tmp_path, monkeypatch):
