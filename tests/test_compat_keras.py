@@ -37,6 +37,7 @@ import pytest
 
 import functional_adam as fa
 from functional_adam import compat
+from tests.trees import relative_error, run_scan
 
 STEPS = 500
 SIZE = 48
@@ -79,23 +80,6 @@ def run_keras_eager(optimizer, grads, p0) -> np.ndarray:
     return np.asarray(variable.value)
 
 
-def run_jax(tx, grads, p0) -> np.ndarray:
-    @jax.jit
-    def run(params, grads):
-        def step(carry, g):
-            params, state = carry
-            updates, state = tx.update(g, state, params)
-            return (fa.apply_updates(params, updates), state), None
-
-        return jax.lax.scan(step, (params, tx.init(params)), grads)[0][0]
-
-    return np.asarray(run(jnp.asarray(p0), jnp.asarray(grads)))
-
-
-def relative_error(ours, theirs) -> float:
-    return float(np.max(np.abs(ours - theirs) / np.abs(theirs)))
-
-
 def exponential_decay():
     """lr halving every 50 steps, in Keras' and in Optax's spelling."""
     theirs = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=50, decay_rate=0.5)
@@ -136,7 +120,7 @@ def test_open_loop_matches_keras(case):
     make_keras, make_ours = CASES[case]
     grads, p0 = gradients(), initial_params()
     theirs = run_keras_stateless(make_keras(), grads, p0)
-    ours = run_jax(make_ours(), grads, p0)
+    ours = run_scan(make_ours(), grads, p0)
     assert np.max(np.abs(theirs - p0)) > 0.05  # the run moved the parameters
     chex.assert_trees_all_close(ours, theirs, rtol=RTOL, atol=0.0)
 
@@ -146,7 +130,7 @@ def test_open_loop_matches_keras_eager_apply():
     theirs = run_keras_eager(
         keras.optimizers.AdamW(1e-2, weight_decay=0.1, amsgrad=True), grads, p0
     )
-    ours = run_jax(compat.keras_adamw(1e-2, weight_decay=0.1, amsgrad=True), grads, p0)
+    ours = run_scan(compat.keras_adamw(1e-2, weight_decay=0.1, amsgrad=True), grads, p0)
     chex.assert_trees_all_close(ours, theirs, rtol=RTOL, atol=0.0)
 
 
@@ -169,7 +153,7 @@ def test_the_check_tells_conventions_apart(make_keras, neighbour):
     """The 1e-5 check fails for the neighbouring conventions: it can see what it tests."""
     grads, p0 = gradients(), initial_params()
     theirs = run_keras_stateless(make_keras(), grads, p0)
-    assert relative_error(run_jax(neighbour(), grads, p0), theirs) > 10 * RTOL
+    assert relative_error(run_scan(neighbour(), grads, p0), theirs) > 10 * RTOL
 
 
 def tf1_reference(grads, p0, lr=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-8) -> np.ndarray:
@@ -185,13 +169,13 @@ def tf1_reference(grads, p0, lr=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-8) -> n
 
 def test_tf1_adam_follows_tf1_formula():
     grads, p0 = gradients(), initial_params()
-    ours = run_jax(compat.tf1_adam(learning_rate=1e-2, epsilon=1e-6), grads, p0)
+    ours = run_scan(compat.tf1_adam(learning_rate=1e-2, epsilon=1e-6), grads, p0)
     chex.assert_trees_all_close(
         ours, tf1_reference(grads, p0, lr=1e-2, epsilon=1e-6), rtol=RTOL, atol=0.0
     )
     # TF1 is Keras' convention with TF1's default epsilon.
     chex.assert_trees_all_close(
-        run_jax(compat.tf1_adam(), grads, p0), run_jax(compat.keras_adam(epsilon=1e-8), grads, p0)
+        run_scan(compat.tf1_adam(), grads, p0), run_scan(compat.keras_adam(epsilon=1e-8), grads, p0)
     )
 
 
@@ -254,7 +238,7 @@ def test_closed_loop_logistic_regression_matches_model_fit(make_keras, make_ours
 def _report() -> None:
     grads, p0 = gradients(), initial_params()
     for case, (make_keras, make_ours) in CASES.items():
-        ours = run_jax(make_ours(), grads, p0)
+        ours = run_scan(make_ours(), grads, p0)
         error = relative_error(ours, run_keras_stateless(make_keras(), grads, p0))
         print(f"keras {case:22} {error:.2e}")
 

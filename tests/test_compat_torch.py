@@ -44,6 +44,7 @@ import torch
 
 import functional_adam as fa
 from functional_adam import compat
+from tests.trees import relative_error, run_scan
 
 STEPS = 500
 SIZE = 48
@@ -98,30 +99,11 @@ def run_torch(cls, grads, p0, scheduler=None, clip=None, **kwargs) -> np.ndarray
     return param.detach().numpy()
 
 
-def run_jax(tx, grads, p0) -> np.ndarray:
-    """Feeds ``grads`` into ``tx`` in a jitted ``lax.scan``; returns the final parameters."""
-
-    @jax.jit
-    def run(params, grads):
-        def step(carry, g):
-            params, state = carry
-            updates, state = tx.update(g, state, params)
-            return (fa.apply_updates(params, updates), state), None
-
-        return jax.lax.scan(step, (params, tx.init(params)), grads)[0][0]
-
-    return np.asarray(run(jnp.asarray(p0), jnp.asarray(grads)))
-
-
-def relative_error(ours, theirs) -> float:
-    return float(np.max(np.abs(ours - theirs) / np.abs(theirs)))
-
-
 @functools.cache
 def _ours(name: str, variant: str) -> np.ndarray:
     """The compat run, once per variant (the three PyTorch kernels are compared with it)."""
     make = compat.torch_adamw if name == "adamw" else compat.torch_adam
-    return run_jax(make(**VARIANTS[variant]), gradients(), initial_params())
+    return run_scan(make(**VARIANTS[variant]), gradients(), initial_params())
 
 
 @pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
@@ -141,7 +123,7 @@ def test_decoupled_weight_decay_flag_is_adamw():
     grads, p0 = gradients(), initial_params()
     theirs = run_torch(torch.optim.AdamW, grads, p0, **VARIANTS["weight_decay"])
     tx = compat.torch_adam(**VARIANTS["weight_decay"], decoupled_weight_decay=True)
-    chex.assert_trees_all_close(run_jax(tx, grads, p0), theirs, rtol=RTOL, atol=0.0)
+    chex.assert_trees_all_close(run_scan(tx, grads, p0), theirs, rtol=RTOL, atol=0.0)
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
@@ -172,7 +154,7 @@ def test_schedule_and_optax_chain_match_torch_scheduler_and_clipping(name):
         optax.clip_by_global_norm(1.0),
         make(lr=lambda count: 1e-2 * factor(count), weight_decay=wd),
     )
-    ours = run_jax(tx, grads, p0)
+    ours = run_scan(tx, grads, p0)
     chex.assert_trees_all_close(ours, theirs, rtol=RTOL, atol=0.0)
 
 
@@ -197,7 +179,7 @@ def test_the_check_tells_conventions_apart(torch_kwargs, neighbour):
     """The 1e-5 check above fails for the neighbouring conventions: it can see what it tests."""
     grads, p0 = gradients(), initial_params()
     theirs = run_torch(torch.optim.Adam, grads, p0, **torch_kwargs)
-    assert relative_error(run_jax(neighbour(), grads, p0), theirs) > RTOL
+    assert relative_error(run_scan(neighbour(), grads, p0), theirs) > RTOL
 
 
 # ---- closed loop: a tiny MLP, each framework computing its own gradients ----------------
@@ -273,7 +255,7 @@ def _report() -> None:
         ("AdamW", torch.optim.AdamW, compat.torch_adamw),
     ]:
         for variant, kwargs in VARIANTS.items():
-            ours = run_jax(make(**kwargs), grads, p0)
+            ours = run_scan(make(**kwargs), grads, p0)
             errors = [
                 relative_error(ours, run_torch(cls, grads, p0, **kwargs, **impl))
                 for impl in IMPLEMENTATIONS.values()

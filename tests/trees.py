@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import functional_adam as fa
+
 
 def mixed_tree(dtype) -> dict:
     """Nested dicts, lists and tuples of scalars, vectors, matrices, a zero-size array and None."""
@@ -57,3 +59,24 @@ def assert_within_ulps(actual, expected, ulps, scale_floor=0.0):
             scale = np.maximum(np.maximum(np.abs(x), np.abs(y)), scale_floor)
             tol = ulps * np.spacing(scale.astype(x.dtype)).astype(np.float64)
             assert np.all(np.abs(x.astype(np.float64) - y) <= tol), (x, y)
+
+
+def run_scan(tx, grads, p0) -> np.ndarray:
+    """Feeds ``grads`` (stacked on axis 0) into ``tx`` in a jitted ``lax.scan`` of
+    ``update`` + ``apply_updates``; returns the final parameters."""
+
+    @jax.jit
+    def run(params, grads):
+        def step(carry, g):
+            params, state = carry
+            updates, state = tx.update(g, state, params)
+            return (fa.apply_updates(params, updates), state), None
+
+        return jax.lax.scan(step, (params, tx.init(params)), grads)[0][0]
+
+    return np.asarray(run(jnp.asarray(p0), jnp.asarray(grads)))
+
+
+def relative_error(ours, theirs) -> float:
+    """The largest elementwise ``|ours - theirs| / |theirs|``."""
+    return float(np.max(np.abs(ours - theirs) / np.abs(theirs)))
