@@ -37,22 +37,9 @@ import pytest
 
 import functional_adam as fa
 from functional_adam import compat
-from tests.trees import relative_error, run_scan
+from tests.trees import parity_gradients, parity_initial_params, relative_error, run_scan
 
-STEPS = 500
-SIZE = 48
 RTOL = 1e-5
-
-
-def gradients(steps: int = STEPS, size: int = SIZE, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    scales = np.logspace(-7, 0, size)[None, :] * np.geomspace(1.0, 0.1, steps)[:, None]
-    return (rng.standard_normal((steps, size)) * scales).astype(np.float32)
-
-
-def initial_params(size: int = SIZE, seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return (rng.uniform(1.0, 2.0, size) * rng.choice([-1.0, 1.0], size)).astype(np.float32)
 
 
 def run_keras_stateless(optimizer, grads, p0) -> np.ndarray:
@@ -118,7 +105,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_open_loop_matches_keras(case):
     make_keras, make_ours = CASES[case]
-    grads, p0 = gradients(), initial_params()
+    grads, p0 = parity_gradients(), parity_initial_params()
     theirs = run_keras_stateless(make_keras(), grads, p0)
     ours = run_scan(make_ours(), grads, p0)
     assert np.max(np.abs(theirs - p0)) > 0.05  # the run moved the parameters
@@ -126,7 +113,7 @@ def test_open_loop_matches_keras(case):
 
 
 def test_open_loop_matches_keras_eager_apply():
-    grads, p0 = gradients(steps=200), initial_params()
+    grads, p0 = parity_gradients(steps=200), parity_initial_params()
     theirs = run_keras_eager(
         keras.optimizers.AdamW(1e-2, weight_decay=0.1, amsgrad=True), grads, p0
     )
@@ -151,7 +138,7 @@ def test_open_loop_matches_keras_eager_apply():
 )
 def test_the_check_tells_conventions_apart(make_keras, neighbour):
     """The 1e-5 check fails for the neighbouring conventions: it can see what it tests."""
-    grads, p0 = gradients(), initial_params()
+    grads, p0 = parity_gradients(), parity_initial_params()
     theirs = run_keras_stateless(make_keras(), grads, p0)
     assert relative_error(run_scan(neighbour(), grads, p0), theirs) > 10 * RTOL
 
@@ -168,7 +155,7 @@ def tf1_reference(grads, p0, lr=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-8) -> n
 
 
 def test_tf1_adam_follows_tf1_formula():
-    grads, p0 = gradients(), initial_params()
+    grads, p0 = parity_gradients(), parity_initial_params()
     ours = run_scan(compat.tf1_adam(learning_rate=1e-2, epsilon=1e-6), grads, p0)
     chex.assert_trees_all_close(
         ours, tf1_reference(grads, p0, lr=1e-2, epsilon=1e-6), rtol=RTOL, atol=0.0
@@ -236,7 +223,7 @@ def test_closed_loop_logistic_regression_matches_model_fit(make_keras, make_ours
 
 
 def _report() -> None:
-    grads, p0 = gradients(), initial_params()
+    grads, p0 = parity_gradients(), parity_initial_params()
     for case, (make_keras, make_ours) in CASES.items():
         ours = run_scan(make_ours(), grads, p0)
         error = relative_error(ours, run_keras_stateless(make_keras(), grads, p0))

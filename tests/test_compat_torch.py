@@ -44,10 +44,8 @@ import torch
 
 import functional_adam as fa
 from functional_adam import compat
-from tests.trees import relative_error, run_scan
+from tests.trees import parity_gradients, parity_initial_params, relative_error, run_scan
 
-STEPS = 500
-SIZE = 48
 RTOL = 1e-5
 
 IMPLEMENTATIONS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
@@ -71,19 +69,6 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def gradients(steps: int = STEPS, size: int = SIZE, seed: int = 0) -> np.ndarray:
-    """Random float32 gradients, columns scaled 1e-7 ... 1, shrinking tenfold over the run."""
-    rng = np.random.default_rng(seed)
-    scales = np.logspace(-7, 0, size)[None, :] * np.geomspace(1.0, 0.1, steps)[:, None]
-    return (rng.standard_normal((steps, size)) * scales).astype(np.float32)
-
-
-def initial_params(size: int = SIZE, seed: int = 1) -> np.ndarray:
-    """Parameters of magnitude 1 to 2, so that they stay far from 0 over the run."""
-    rng = np.random.default_rng(seed)
-    return (rng.uniform(1.0, 2.0, size) * rng.choice([-1.0, 1.0], size)).astype(np.float32)
-
-
 def run_torch(cls, grads, p0, scheduler=None, clip=None, **kwargs) -> np.ndarray:
     """Feeds ``grads`` into a torch optimizer over one parameter vector; returns it."""
     param = torch.nn.Parameter(torch.tensor(p0))
@@ -103,14 +88,14 @@ def run_torch(cls, grads, p0, scheduler=None, clip=None, **kwargs) -> np.ndarray
 def _ours(name: str, variant: str) -> np.ndarray:
     """The compat run, once per variant (the three PyTorch kernels are compared with it)."""
     make = compat.torch_adamw if name == "adamw" else compat.torch_adam
-    return run_scan(make(**VARIANTS[variant]), gradients(), initial_params())
+    return run_scan(make(**VARIANTS[variant]), parity_gradients(), parity_initial_params())
 
 
 @pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_open_loop_matches_torch(name, variant, implementation):
-    grads, p0 = gradients(), initial_params()
+    grads, p0 = parity_gradients(), parity_initial_params()
     cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
     kwargs = VARIANTS[variant]
     theirs = run_torch(cls, grads, p0, **kwargs, **IMPLEMENTATIONS[implementation])
@@ -120,7 +105,7 @@ def test_open_loop_matches_torch(name, variant, implementation):
 
 
 def test_decoupled_weight_decay_flag_is_adamw():
-    grads, p0 = gradients(), initial_params()
+    grads, p0 = parity_gradients(), parity_initial_params()
     theirs = run_torch(torch.optim.AdamW, grads, p0, **VARIANTS["weight_decay"])
     tx = compat.torch_adam(**VARIANTS["weight_decay"], decoupled_weight_decay=True)
     chex.assert_trees_all_close(run_scan(tx, grads, p0), theirs, rtol=RTOL, atol=0.0)
@@ -133,7 +118,10 @@ def test_schedule_and_optax_chain_match_torch_scheduler_and_clipping(name):
     AdamW's decay must use the learning rate of the current step; with lr halving
     every 50 steps, the neighbouring step's lr would change the decay by 1.4%.
     """
-    grads, p0 = gradients() * 50.0, initial_params()  # large enough for the clipping to act
+    grads, p0 = (
+        parity_gradients() * 50.0,
+        parity_initial_params(),
+    )  # large enough for the clipping to act
     cls, make, wd = (torch.optim.Adam, compat.torch_adam, 0.0)
     if name == "adamw":
         cls, make, wd = (torch.optim.AdamW, compat.torch_adamw, 0.5)
@@ -177,7 +165,7 @@ def test_schedule_and_optax_chain_match_torch_scheduler_and_clipping(name):
 )
 def test_the_check_tells_conventions_apart(torch_kwargs, neighbour):
     """The 1e-5 check above fails for the neighbouring conventions: it can see what it tests."""
-    grads, p0 = gradients(), initial_params()
+    grads, p0 = parity_gradients(), parity_initial_params()
     theirs = run_torch(torch.optim.Adam, grads, p0, **torch_kwargs)
     assert relative_error(run_scan(neighbour(), grads, p0), theirs) > RTOL
 
@@ -249,7 +237,7 @@ def test_closed_loop_mlp_matches_torch(cls, make, kwargs):
 def _report() -> None:
     """Prints the worst relative parameter difference per variant (the bound reached)."""
     torch.set_num_threads(1)
-    grads, p0 = gradients(), initial_params()
+    grads, p0 = parity_gradients(), parity_initial_params()
     for name, cls, make in [
         ("Adam", torch.optim.Adam, compat.torch_adam),
         ("AdamW", torch.optim.AdamW, compat.torch_adamw),

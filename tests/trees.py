@@ -80,3 +80,21 @@ def run_scan(tx, grads, p0) -> np.ndarray:
 def relative_error(ours, theirs) -> float:
     """The largest elementwise ``|ours - theirs| / |theirs|``."""
     return float(np.max(np.abs(ours - theirs) / np.abs(theirs)))
+
+
+PARITY_STEPS = 500
+PARITY_SIZE = 48
+
+
+def parity_gradients(steps: int = PARITY_STEPS, size: int = PARITY_SIZE, seed: int = 0):
+    """Random float32 gradients ``(steps, size)`` for the framework parity tests: columns
+    scaled 1e-7 ... 1, shrinking tenfold over the run."""
+    rng = np.random.default_rng(seed)
+    scales = np.logspace(-7, 0, size)[None, :] * np.geomspace(1.0, 0.1, steps)[:, None]
+    return (rng.standard_normal((steps, size)) * scales).astype(np.float32)
+
+
+def parity_initial_params(size: int = PARITY_SIZE, seed: int = 1):
+    """Parameters of magnitude 1 to 2, so that they stay far from 0 over the run."""
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(1.0, 2.0, size) * rng.choice([-1.0, 1.0], size)).astype(np.float32)
