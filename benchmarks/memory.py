@@ -128,7 +128,7 @@ def table_time(n: int, repeats: int) -> None:
 
 def table_codec(repeats: int, n: int = 2**20) -> None:
     """Where the 8-bit step's time goes on a CPU: the codec's arithmetic, per element."""
-    from functional_adam import quantized as qz
+    from functional_adam.storage import quantized as qz
 
     x = jax.random.normal(jax.random.key(1), (n // 256, 256))
     m_q, v_q = qz.encode_blocks(x, signed=True), qz.encode_blocks(x * x, signed=False)

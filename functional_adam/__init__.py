@@ -3,16 +3,13 @@
 Interchangeable with Optax in both directions; see README.md.
 """
 
-from functional_adam import compat, conventions
-from functional_adam.adam import (
-    ScaleByAdamState,
-    ScaleByAmsgradState,
-    adam_leaf,
-    scale_by_adam,
-    scale_by_amsgrad,
-)
-from functional_adam.aliases import adam, adamw, amsgrad, nadam, nadamw
-from functional_adam.base import (
+import sys
+
+from functional_adam import compat
+from functional_adam.compat import conventions
+from functional_adam.compat.conventions import Convention
+from functional_adam.compat.torch_state import from_torch_state, to_torch_state
+from functional_adam.core.base import (
     EmptyState,
     GradientTransformation,
     OptState,
@@ -23,25 +20,35 @@ from functional_adam.base import (
     chain,
     identity,
 )
-from functional_adam.conventions import Convention
-from functional_adam.flat_params import FlatParams
-from functional_adam.fused import FlatState, flatten, update_and_apply
-from functional_adam.learning_rate import (
-    ScaleByScheduleState,
-    scale,
-    scale_by_learning_rate,
-    scale_by_schedule,
+from functional_adam.core.numerics import safe_increment
+from functional_adam.kernels.dispatch import update_and_apply
+from functional_adam.optimizers.adam import (
+    ScaleByAdamState,
+    ScaleByAmsgradState,
+    adam_leaf,
+    scale_by_adam,
+    scale_by_amsgrad,
 )
-from functional_adam.low_precision import MasterWeightsState, with_master_weights
-from functional_adam.quantized_adam import (
+from functional_adam.optimizers.adam_8bit import (
     ScaleByAdam8bitState,
     adam_8bit,
     adamw_8bit,
     scale_by_adam_8bit,
 )
-from functional_adam.torch_state import from_torch_state, to_torch_state
-from functional_adam.tree import safe_increment
-from functional_adam.weight_decay import WeightDecaySchedule, add_decayed_weights
+from functional_adam.optimizers.aliases import adam, adamw, amsgrad, nadam, nadamw
+from functional_adam.storage.flat import FlatState, flatten
+from functional_adam.storage.flat_params import FlatParams
+from functional_adam.transforms.learning_rate import (
+    ScaleByScheduleState,
+    scale,
+    scale_by_learning_rate,
+    scale_by_schedule,
+)
+from functional_adam.transforms.master_weights import MasterWeightsState, with_master_weights
+from functional_adam.transforms.weight_decay import WeightDecaySchedule, add_decayed_weights
+
+# `functional_adam.conventions` stays importable as a module, as before the package had folders.
+sys.modules[f"{__name__}.conventions"] = conventions
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import functional_adam as fa
+from functional_adam.storage.flat import unflatten_tree
 from tests.trees import assert_within_ulps, gradient_stream, mixed_tree
 
 STEPS = 40
@@ -47,9 +48,9 @@ def test_flat_equals_default(name, dtype):
         # The moments, which carry the run from step to step, stay bitwise equal (complex
         # second moments: within 1 ulp), cut back into the tree.
         inner = s_flat[0].inner_state
-        assert_within_ulps(fa.fused.unflatten_tree(inner.mu, params), s_default[0].mu, 0)
+        assert_within_ulps(unflatten_tree(inner.mu, params), s_default[0].mu, 0)
         assert_within_ulps(
-            fa.fused.unflatten_tree(inner.nu, params),
+            unflatten_tree(inner.nu, params),
             s_default[0].nu,
             1 if dtype == "complex64" else 0,
         )

@@ -12,8 +12,8 @@ import optax
 import pytest
 
 import functional_adam as fa
-from functional_adam import quantized as qz
-from functional_adam.adam import adam_leaf, bias_corrections
+from functional_adam.optimizers.adam import adam_leaf, bias_corrections
+from functional_adam.storage import quantized as qz
 
 
 def _state_bytes(state) -> int:

@@ -1,4 +1,4 @@
-"""The block-wise 8-bit codec (functional_adam.quantized): the map, round trips, error bounds."""
+"""The block-wise 8-bit codec (functional_adam.storage.quantized): the map, round trips, error bounds."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from functional_adam import quantized as qz
+from functional_adam.storage import quantized as qz
 
 
 def _brackets(values: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

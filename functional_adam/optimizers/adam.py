@@ -11,7 +11,7 @@ AMSGrad (Reddi et al., 2018, https://openreview.net/forum?id=ryQu7f-RZ) uses
 the running maximum of the second moment in the denominator; Nesterov
 momentum (NAdam, Dozat 2016) looks the first moment one step ahead. Where
 frameworks differ (epsilon placement, what the maximum is over) is a
-:class:`~functional_adam.conventions.Convention`.
+:class:`~functional_adam.compat.conventions.Convention`.
 
 The whole step for one leaf is :func:`adam_leaf`; the transformations map it
 over the pytree. The arithmetic runs in float32 for 16-bit parameters (and in
@@ -27,10 +27,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from functional_adam import checks
-from functional_adam.base import GradientTransformation, Params, Updates
-from functional_adam.conventions import OPTAX, Convention, check_convention
-from functional_adam.tree import (
+from functional_adam.compat.conventions import OPTAX, Convention, check_convention
+from functional_adam.core import checks
+from functional_adam.core.base import GradientTransformation, Params, Updates
+from functional_adam.core.numerics import (
     compute_dtype,
     real_dtype,
     safe_increment,
@@ -261,7 +261,7 @@ def scale_by_adam(
         nu_dtype: dtype to store the second moment in (``None``: the parameter's
             real dtype; complex parameters keep a real second moment).
         nesterov: use Nesterov momentum (NAdam, Dozat 2016).
-        convention: where epsilon goes (:mod:`functional_adam.conventions`).
+        convention: where epsilon goes (:mod:`functional_adam.compat.conventions`).
 
     Returns:
         A ``GradientTransformation`` with state :class:`ScaleByAdamState`.
@@ -312,7 +312,7 @@ def scale_by_amsgrad(
         b1, b2, eps, eps_root, mu_dtype, nu_dtype: as in :func:`scale_by_adam`.
         bias_correction_mu: divide the first moment by ``1 - b1^t``.
         bias_correction_nu: divide the second moment by ``1 - b2^t``.
-        convention: see :mod:`functional_adam.conventions`.
+        convention: see :mod:`functional_adam.compat.conventions`.
 
     Returns:
         A ``GradientTransformation`` with state :class:`ScaleByAmsgradState`.

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from functional_adam import checks
-from functional_adam.base import GradientTransformation
+from functional_adam.core import checks
+from functional_adam.core.base import GradientTransformation
 
 _HINTS = {
     "global_clipnorm": "chain optax.clip_by_global_norm(...) before it",

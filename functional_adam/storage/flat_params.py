@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from functional_adam.fused import Layout, LeafSpec, check_same_device
+from functional_adam.storage.flat import Layout, LeafSpec, check_same_device
 
 Grouping = Callable[[tuple, jax.Array], str]
 

@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from functional_adam import checks
-from functional_adam.base import GradientTransformation, OptState, Params, Updates
+from functional_adam.core import checks
+from functional_adam.core.base import GradientTransformation, OptState, Params, Updates
 
 
 class MasterWeightsState(NamedTuple):

@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 
 import jax
 
-from functional_adam import checks
-from functional_adam.base import EmptyState, GradientTransformation, Params, ScalarOrSchedule
-from functional_adam.tree import safe_increment, zero_count
+from functional_adam.core import checks
+from functional_adam.core.base import EmptyState, GradientTransformation, Params, ScalarOrSchedule
+from functional_adam.core.numerics import safe_increment, zero_count
 
 
 class WeightDecaySchedule(NamedTuple):

@@ -7,9 +7,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from functional_adam import checks
-from functional_adam.base import EmptyState, GradientTransformation, ScalarOrSchedule, Schedule
-from functional_adam.tree import safe_increment, zero_count
+from functional_adam.core import checks
+from functional_adam.core.base import EmptyState, GradientTransformation, ScalarOrSchedule, Schedule
+from functional_adam.core.numerics import safe_increment, zero_count
 
 
 class ScaleByScheduleState(NamedTuple):

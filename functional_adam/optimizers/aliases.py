@@ -1,7 +1,7 @@
 """The optimizers users call: ``adam``, ``adamw``, ``amsgrad``, ``nadam``, ``nadamw``.
 
-Each is a short chain of :mod:`functional_adam.adam`,
-:mod:`functional_adam.weight_decay` and :mod:`functional_adam.learning_rate`,
+Each is a short chain of :mod:`functional_adam.optimizers.adam`,
+:mod:`functional_adam.transforms.weight_decay` and :mod:`functional_adam.transforms.learning_rate`,
 with the signature and defaults of the Optax function of the same name.
 """
 
@@ -13,12 +13,12 @@ from typing import Any
 
 import jax
 
-from functional_adam.adam import scale_by_adam, scale_by_amsgrad
-from functional_adam.base import GradientTransformation, Params, ScalarOrSchedule, chain
-from functional_adam.fused import flatten
-from functional_adam.fused_adam import attach, fused_adam
-from functional_adam.learning_rate import scale_by_learning_rate
-from functional_adam.weight_decay import add_decayed_weights
+from functional_adam.core.base import GradientTransformation, Params, ScalarOrSchedule, chain
+from functional_adam.kernels.fused_adam import attach, fused_adam
+from functional_adam.optimizers.adam import scale_by_adam, scale_by_amsgrad
+from functional_adam.storage.flat import flatten
+from functional_adam.transforms.learning_rate import scale_by_learning_rate
+from functional_adam.transforms.weight_decay import add_decayed_weights
 
 
 def _direction(tx: GradientTransformation, flat: bool) -> GradientTransformation:

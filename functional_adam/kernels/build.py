@@ -26,26 +26,15 @@ import shlex
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import jaxlib
-import numpy as np
 
-SOURCE = Path(__file__).parent / "kernels" / "adam_cpu.cc"
+SOURCE = Path(__file__).parent / "adam_cpu.cc"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std=c++20", "-w")
 TARGETS = {"float32": "functional_adam_adam_f32", "float64": "functional_adam_adam_f64"}
 _SYMBOLS = {"float32": "FunctionalAdamStepF32", "float64": "FunctionalAdamStepF64"}
-
-# Leaves per kernel call. XLA's compile time grows about cubically with the number of
-# aliased operands of one call (1,000 leaves in one call: 31 s; in calls of 32: 0.8-0.9 s).
-LEAVES_PER_CALL = 32
-
-# The order of the kernel's `scalars` operand (the enum Scalar in adam_cpu.cc).
-SCALARS = ("b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "eps_root", "1/bc1", "1/bc2")
-SCALARS += ("1/bc1_next", "neg_lr", "wd")
 
 
 def _cpu_flags() -> str:
@@ -120,86 +109,3 @@ def available() -> bool:
         )
         return False
     return True
-
-
-def reference_step(
-    scalars: jax.Array,
-    leaves: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]],
-    decay: Sequence[bool],
-    nesterov: bool,
-) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
-    """The kernel's arithmetic in ``jax.numpy``: its derivative rule, equal to it within rounding.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> one = jnp.ones(1)
-        >>> s = jnp.array([0.9, 0.1, 0.999, 0.001, 1e-8, 0.0, 10.0, 1000.0, 1 / 0.19, -0.1, 0.0])
-        >>> p, m, v = reference_step(s, [(one, one, 0 * one, 0 * one)], [False], False)[0]
-        >>> [round(float(x[0]), 4) for x in (p, m, v)]  # p = 1 - 0.1 · m̂/sqrt(v̂), m̂ = v̂ = 1
-        [0.9, 0.1, 0.001]
-    """
-    b1, omb1, b2, omb2, eps, eps_root, inv_bc1, inv_bc2, inv_bc1_next, neg_lr, wd = scalars
-    out = []
-    for (p, g, m, v), decays in zip(leaves, decay, strict=True):
-        m = omb1 * g + b1 * m
-        v = omb2 * (g * g) + b2 * v
-        m_hat = b1 * (m * inv_bc1_next) + omb1 * (g * inv_bc1) if nesterov else m * inv_bc1
-        u = m_hat / (jnp.sqrt(v * inv_bc2 + eps_root) + eps)
-        if decays:
-            u = u + wd * p
-        out.append((p + neg_lr * u, m, v))
-    return out
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def adam_step(
-    scalars: jax.Array,
-    leaves: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]],
-    decay: tuple[bool, ...],
-    nesterov: bool,
-) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
-    """Calls the kernel: ``(p, g, m, v)`` per leaf in, ``(p, m, v)`` per leaf out, in place.
-
-    ``scalars`` holds :data:`SCALARS` in the leaves' dtype; every array of every
-    leaf has that dtype. ``p``, ``m`` and ``v`` are aliased to their results, so
-    with donated inputs the step writes into the buffers it reads. Leaves go in
-    calls of :data:`LEAVES_PER_CALL`. Differentiable (through
-    :func:`reference_step`) and batchable (``jax.vmap`` calls the kernel once per
-    batch element).
-    """
-    return _call_kernel(scalars, list(leaves), tuple(decay), nesterov)
-
-
-@adam_step.defjvp
-def _adam_step_jvp(decay, nesterov, primals, tangents):
-    return jax.jvp(lambda s, x: reference_step(s, x, decay, nesterov), primals, tangents)
-
-
-def _call_kernel(scalars, leaves, decay, nesterov):
-    if len(leaves) > LEAVES_PER_CALL:  # XLA's compile time grows ~cubically in aliases per call
-        return [
-            out
-            for i in range(0, len(leaves), LEAVES_PER_CALL)
-            for out in _call_kernel(
-                scalars,
-                leaves[i : i + LEAVES_PER_CALL],
-                decay[i : i + LEAVES_PER_CALL],
-                nesterov,
-            )
-        ]
-    dtype = scalars.dtype
-    operands = [scalars]
-    results = []
-    aliases = {}
-    for k, (p, g, m, v) in enumerate(leaves):
-        operands += [p, g, m, v]  # any shape: the kernel sees element counts (no reshape,
-        results += [jax.ShapeDtypeStruct(p.shape, dtype)] * 3  # which would cost a copy)
-        aliases |= {1 + 4 * k: 3 * k, 3 + 4 * k: 3 * k + 1, 4 + 4 * k: 3 * k + 2}
-    call = jax.ffi.ffi_call(
-        TARGETS[np.dtype(dtype).name],
-        results,
-        input_output_aliases=aliases,
-        vmap_method="sequential",  # under jax.vmap: one call per batch element
-    )
-    flat = call(*operands, decay=np.asarray(decay, np.int64), nesterov=bool(nesterov))
-    return [tuple(flat[3 * k : 3 * k + 3]) for k in range(len(leaves))]

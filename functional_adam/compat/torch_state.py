@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from functional_adam.adam import scale_by_adam, scale_by_amsgrad
-from functional_adam.base import GradientTransformation, OptState, Params
+from functional_adam.core.base import GradientTransformation, OptState, Params
+from functional_adam.optimizers.adam import scale_by_adam, scale_by_amsgrad
 
 _ADAM_FIELDS = (("count", "mu", "nu"), ("count", "mu", "nu", "nu_max"))
 _TORCH_KEYS = {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"}

@@ -31,7 +31,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from functional_adam.base import GradientTransformation, OptState, Params, Updates, apply_updates
+from functional_adam.core.base import (
+    GradientTransformation,
+    OptState,
+    Params,
+    Updates,
+)
 
 
 class LeafSpec(NamedTuple):
@@ -237,41 +242,3 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
         return unflatten_tree(flat_updates, updates), FlatState(inner_state, state.layout)
 
     return GradientTransformation(init, update)
-
-
-def update_and_apply(
-    tx: GradientTransformation,
-    grads: Updates,
-    state: OptState,
-    params: Params,
-    **extra_args: Any,
-) -> tuple[Params, OptState]:
-    """``tx.update`` then ``apply_updates``: returns ``(new_params, new_state)``.
-
-    Under ``jax.jit`` XLA fuses the parameter update into the loop that
-    computes Adam's direction, so each leaf's θ is read and written once.
-    For ``adam``/``adamw``/``nadam``/``nadamw`` on float32 or float64 leaves
-    on the CPU, the whole step is one pass of a compiled kernel over all leaves
-    (:mod:`functional_adam.fused_adam`, :mod:`functional_adam.native`).
-    Donate ``params`` and ``state`` (``jax.jit(..., donate_argnums=...)``) so
-    the new values are written in place, with no second copy of either.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> import functional_adam as fa
-        >>> tx = fa.adam(0.1)
-        >>> params = jnp.ones(2)
-        >>> def step(params, state, grads):  # donated arguments in the order of the outputs
-        ...     return fa.update_and_apply(tx, grads, state, params)
-        >>> step = jax.jit(step, donate_argnums=(0, 1))
-        >>> params, state = step(params, tx.init(params), jnp.array([1.0, -1.0]))
-        >>> [round(float(x), 3) for x in params]
-        [0.9, 1.1]
-    """
-    fused = getattr(tx.update, "fused_update_and_apply", None)
-    if fused is not None:
-        result = fused(grads, state, params, **extra_args)
-        if result is not None:
-            return result
-    updates, state = tx.update(grads, state, params, **extra_args)
-    return apply_updates(params, updates), state

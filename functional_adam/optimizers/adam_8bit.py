@@ -3,11 +3,11 @@ r"""Adam with 8-bit block-quantized moments: ``scale_by_adam_8bit``, ``adam_8bit
 Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022
 (https://arxiv.org/abs/2110.02861). Each moment of a large leaf is stored as
 8-bit codes of the dynamic map with one float32 absmax scale per block
-(:mod:`functional_adam.quantized`): ``m`` with the signed map (int8 codes),
+(:mod:`functional_adam.storage.quantized`): ``m`` with the signed map (int8 codes),
 ``v`` with the unsigned map (uint8 codes), about 2 bytes per parameter instead
 of 8. Unlike bitsandbytes, ``nu`` holds the codes of ``sqrt(v)``, and a positive
 value never gets the zero code
-(:func:`~functional_adam.quantized.encode_second_moment`): with ``v``
+(:func:`~functional_adam.storage.quantized.encode_second_moment`): with ``v``
 itself, the gradients more than ~2,500 times smaller than their block's largest
 had ``v`` rounded to 0 and Adam steps up to 9 times too large.
 
@@ -15,7 +15,7 @@ Each step, per leaf, runs in one jitted loop over chunks of 64K elements (so no
 full-size float32 moment is ever materialised)::
 
     m, v = dequantize(m_codes), dequantize(v_codes) ** 2  # float32
-    u, m, v = adam_leaf(g, m, v, ...)                     # the Adam step of functional_adam.adam
+    u, m, v = adam_leaf(g, m, v, ...)                     # the Adam step of functional_adam.optimizers.adam
     m_codes, v_codes = quantize(m), quantize(sqrt(v))     # new absmax per block
 
 The arithmetic is float32 (``adam_leaf``'s) also for bfloat16/float16
@@ -29,7 +29,7 @@ leaves (by choice: the maps are real) keep unquantized moments (float32 for
 bitsandbytes does for small tensors.
 The state ``ScaleByAdam8bitState(count, mu, nu)`` is an ordinary pytree of
 arrays: each quantized leaf of ``mu``/``nu`` is a
-:class:`~functional_adam.quantized.BlockQuantized` ``(codes, scale)`` with codes of
+:class:`~functional_adam.storage.quantized.BlockQuantized` ``(codes, scale)`` with codes of
 shape ``(n_blocks, block_size)``, so it jits, checkpoints and can be sharded
 along its block axis.
 """
@@ -44,12 +44,24 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from functional_adam import checks
-from functional_adam.adam import BiasCorrections, adam_leaf, bias_corrections
-from functional_adam.base import GradientTransformation, Params, ScalarOrSchedule, Updates, chain
-from functional_adam.conventions import OPTAX, Convention, check_convention
-from functional_adam.learning_rate import scale_by_learning_rate
-from functional_adam.quantized import (
+from functional_adam.compat.conventions import OPTAX, Convention, check_convention
+from functional_adam.core import checks
+from functional_adam.core.base import (
+    GradientTransformation,
+    Params,
+    ScalarOrSchedule,
+    Updates,
+    chain,
+)
+from functional_adam.core.numerics import (
+    compute_dtype,
+    moment_dtype,
+    safe_increment,
+    saturating_cast,
+    zero_count,
+)
+from functional_adam.optimizers.adam import BiasCorrections, adam_leaf, bias_corrections
+from functional_adam.storage.quantized import (
     BlockQuantized,
     check_block_size,
     decode_blocks,
@@ -58,14 +70,8 @@ from functional_adam.quantized import (
     encode_second_moment,
     zeros,
 )
-from functional_adam.tree import (
-    compute_dtype,
-    moment_dtype,
-    safe_increment,
-    saturating_cast,
-    zero_count,
-)
-from functional_adam.weight_decay import add_decayed_weights
+from functional_adam.transforms.learning_rate import scale_by_learning_rate
+from functional_adam.transforms.weight_decay import add_decayed_weights
 
 DEFAULT_BLOCK_SIZE = 256
 DEFAULT_MIN_8BIT_SIZE = 4096
@@ -75,7 +81,7 @@ class ScaleByAdam8bitState(NamedTuple):
     """State of :func:`scale_by_adam_8bit`: per leaf, a ``BlockQuantized`` or a float array.
 
     For a quantized leaf, ``mu`` holds int8 codes of ``m`` and ``nu`` uint8 codes of
-    ``sqrt(v)`` (decode with :func:`~functional_adam.quantized.decode_second_moment`).
+    ``sqrt(v)`` (decode with :func:`~functional_adam.storage.quantized.decode_second_moment`).
     """
 
     count: jax.Array  # int32 scalar, saturating

@@ -4,7 +4,7 @@ The aliases attach the function made here to the ``update`` of the chain they
 return; :func:`functional_adam.update_and_apply` calls it, and it runs the
 whole step (moments, direction, decoupled weight decay, learning rate and the
 parameter update) for all leaves in one call of the C++ kernel of
-:mod:`functional_adam.native`. It reads and writes the same state as the
+:mod:`functional_adam.kernels.build`. It reads and writes the same state as the
 chain, so the two paths can alternate, and it computes the same arithmetic in
 the same order (equal to the chain's results within a rounding of the last bit,
 tested in ``tests/test_native.py``).
@@ -24,12 +24,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from functional_adam import native
-from functional_adam.adam import ScaleByAdamState, bias_corrections
-from functional_adam.base import GradientTransformation, OptState, Params, Updates
-from functional_adam.learning_rate import scale_by_learning_rate
-from functional_adam.tree import safe_increment
-from functional_adam.weight_decay import WeightDecaySchedule
+from functional_adam.core.base import GradientTransformation, OptState, Params, Updates
+from functional_adam.core.numerics import safe_increment
+from functional_adam.kernels import adam_cpu, build
+from functional_adam.optimizers.adam import ScaleByAdamState, bias_corrections
+from functional_adam.transforms.learning_rate import scale_by_learning_rate
+from functional_adam.transforms.weight_decay import WeightDecaySchedule
 
 FusedApply = Callable[..., "tuple[Params, OptState] | None"]
 
@@ -71,7 +71,7 @@ def _kernel_leaves(grads, state, params):
         return None
     leaves = list(zip(p_leaves, *(treedef.flatten_up_to(t) for t in trees), strict=True))
     dtype = jnp.dtype(p_leaves[0].dtype)
-    if dtype.name not in native.TARGETS:
+    if dtype.name not in build.TARGETS:
         return None
     for leaf in leaves:
         if any(jnp.dtype(x.dtype) != dtype or x.shape != leaf[0].shape for x in leaf):
@@ -113,7 +113,7 @@ def fused_adam(
         inverse = [1 / jnp.asarray(x).astype(dtype) for x in (bc.mu, bc.nu, bc.mu_next)]
         values = (b1, 1 - b1, b2, 1 - b2, eps, eps_root, *inverse, neg_lr, rate)
         scalars = jnp.stack([jnp.asarray(x).astype(dtype) for x in values])
-        out = native.adam_step(scalars, leaves, tuple(flags), nesterov)
+        out = adam_cpu.adam_step(scalars, leaves, tuple(flags), nesterov)
         new_params, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
         return new_params, (ScaleByAdamState(count, mu, nu), *middle, lr_state)
 
@@ -127,7 +127,7 @@ def fused_adam(
         expected = 3 if decoupled else 2
         if not (isinstance(state, tuple) and len(state) == expected):
             return None
-        if not isinstance(state[0], ScaleByAdamState) or not native.available():
+        if not isinstance(state[0], ScaleByAdamState) or not build.available():
             return None
         found = _kernel_leaves(grads, state[0], params)
         if found is None:

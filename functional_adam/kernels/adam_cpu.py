@@ -1,0 +1,132 @@
+"""The fused CPU Adam step: its scalars, its arithmetic in ``jax.numpy``, and its call.
+
+The C++ kernel (``adam_cpu.cc``, built and loaded by :mod:`functional_adam.kernels.build`)
+makes one pass over all leaves together, in place, on XLA's intra-op thread pool,
+as ``torch.optim.Adam(fused=True)`` does: for each element it reads θ, g, m, v
+once and writes θ, m, v once (28 bytes per float32 parameter).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from functional_adam.kernels.build import TARGETS
+
+# Leaves per kernel call: XLA's compile time grows about cubically with the number of
+# aliased operands of one custom call, so long trees are cut into calls of this many.
+LEAVES_PER_CALL = 32
+
+
+class KernelScalars(NamedTuple):
+    """The kernel's ``scalars`` operand, in the order of ``enum Scalar`` in ``adam_cpu.cc``.
+
+    Built with :meth:`stack` and read back with ``KernelScalars(*array)``.
+    """
+
+    b1: jax.Array
+    one_minus_b1: jax.Array
+    b2: jax.Array
+    one_minus_b2: jax.Array
+    eps: jax.Array
+    eps_root: jax.Array
+    inv_bc1: jax.Array  # 1 / (1 - b1^t)
+    inv_bc2: jax.Array  # 1 / (1 - b2^t)
+    inv_bc1_next: jax.Array  # 1 / (1 - b1^(t+1)), for Nesterov
+    neg_lr: jax.Array
+    wd: jax.Array
+
+    def stack(self, dtype) -> jax.Array:
+        """The scalars as one 1-D array of ``dtype``, the kernel's operand."""
+        return jnp.stack([jnp.asarray(x).astype(dtype) for x in self])
+
+
+def reference_step(
+    scalars: jax.Array,
+    leaves: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]],
+    decay: Sequence[bool],
+    nesterov: bool,
+) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+    """The kernel's arithmetic in ``jax.numpy``: its derivative rule, equal to it within rounding.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> one = jnp.ones(1)
+        >>> s = jnp.array([0.9, 0.1, 0.999, 0.001, 1e-8, 0.0, 10.0, 1000.0, 1 / 0.19, -0.1, 0.0])
+        >>> p, m, v = reference_step(s, [(one, one, 0 * one, 0 * one)], [False], False)[0]
+        >>> [round(float(x[0]), 4) for x in (p, m, v)]  # p = 1 - 0.1 · m̂/sqrt(v̂), m̂ = v̂ = 1
+        [0.9, 0.1, 0.001]
+    """
+    s = KernelScalars(*scalars)
+    out = []
+    for (p, g, m, v), decays in zip(leaves, decay, strict=True):
+        m = s.one_minus_b1 * g + s.b1 * m
+        v = s.one_minus_b2 * (g * g) + s.b2 * v
+        if nesterov:
+            m_hat = s.b1 * (m * s.inv_bc1_next) + s.one_minus_b1 * (g * s.inv_bc1)
+        else:
+            m_hat = m * s.inv_bc1
+        u = m_hat / (jnp.sqrt(v * s.inv_bc2 + s.eps_root) + s.eps)
+        if decays:
+            u = u + s.wd * p
+        out.append((p + s.neg_lr * u, m, v))
+    return out
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def adam_step(
+    scalars: jax.Array,
+    leaves: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]],
+    decay: tuple[bool, ...],
+    nesterov: bool,
+) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+    """Calls the kernel: ``(p, g, m, v)`` per leaf in, ``(p, m, v)`` per leaf out, in place.
+
+    ``scalars`` holds :class:`KernelScalars` (stacked) in the leaves' dtype; every array of every
+    leaf has that dtype. ``p``, ``m`` and ``v`` are aliased to their results, so
+    with donated inputs the step writes into the buffers it reads. Leaves go in
+    calls of :data:`LEAVES_PER_CALL`. Differentiable (through
+    :func:`reference_step`) and batchable (``jax.vmap`` calls the kernel once per
+    batch element).
+    """
+    return _call_kernel(scalars, list(leaves), tuple(decay), nesterov)
+
+
+@adam_step.defjvp
+def _adam_step_jvp(decay, nesterov, primals, tangents):
+    return jax.jvp(lambda s, x: reference_step(s, x, decay, nesterov), primals, tangents)
+
+
+def _call_kernel(scalars, leaves, decay, nesterov):
+    if len(leaves) > LEAVES_PER_CALL:  # XLA's compile time grows ~cubically in aliases per call
+        return [
+            out
+            for i in range(0, len(leaves), LEAVES_PER_CALL)
+            for out in _call_kernel(
+                scalars,
+                leaves[i : i + LEAVES_PER_CALL],
+                decay[i : i + LEAVES_PER_CALL],
+                nesterov,
+            )
+        ]
+    dtype = scalars.dtype
+    operands = [scalars]
+    results = []
+    aliases = {}
+    for k, (p, g, m, v) in enumerate(leaves):
+        operands += [p, g, m, v]  # any shape: the kernel sees element counts (no reshape,
+        results += [jax.ShapeDtypeStruct(p.shape, dtype)] * 3  # which would cost a copy)
+        aliases |= {1 + 4 * k: 3 * k, 3 + 4 * k: 3 * k + 1, 4 + 4 * k: 3 * k + 2}
+    call = jax.ffi.ffi_call(
+        TARGETS[np.dtype(dtype).name],
+        results,
+        input_output_aliases=aliases,
+        vmap_method="sequential",  # under jax.vmap: one call per batch element
+    )
+    flat = call(*operands, decay=np.asarray(decay, np.int64), nesterov=bool(nesterov))
+    return [tuple(flat[3 * k : 3 * k + 3]) for k in range(len(leaves))]
