@@ -51,8 +51,8 @@ def _trace(lr, x0, steps, dtype):
                 "g": float(g),
                 "m": float(m),
                 "v": float(v),
-                "m_hat": float(m / bc.mu),
-                "v_hat": float(v / bc.nu),
+                "m_hat": float(m / bc.bc1),
+                "v_hat": float(v / bc.bc2),
                 "x": float(x),
             }
         )

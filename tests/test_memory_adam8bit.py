@@ -145,7 +145,10 @@ def test_first_step_moves_each_coordinate_by_lr():
     x = jnp.linspace(1.0, 3.0, 8192) * jnp.tile(jnp.array([1.0, -1.0]), 4096)
     tx = fa.adam_8bit(1e-3)
     u, _ = tx.update(2 * x, tx.init(x), x)
-    np.testing.assert_allclose(u, -1e-3 * jnp.sign(x), atol=1e-9)
+    np.testing.assert_allclose(u, -1e-3 * jnp.sign(x), atol=1e-8)
+    # From zero moments (decoded exactly) the first step is float32 Adam's, bit for bit.
+    u32, _ = fa.adam(1e-3).update(2 * x, fa.adam(1e-3).init(x), x)
+    chex.assert_trees_all_equal(u, u32)
 
 
 @pytest.mark.parametrize("block_size", [256, 2048])
@@ -195,7 +198,7 @@ def test_zero_size_leaf_and_quantized_zero_size():
     assert state.mu["empty"].codes.shape == (0, 256)
     u, state = jax.jit(tx.update)({"empty": jnp.zeros((0, 7)), "w": jnp.ones(10)}, state)
     assert u["empty"].shape == (0, 7)
-    np.testing.assert_allclose(u["w"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(u["w"], 1.0, rtol=1e-5)  # m̂/sqrt(v̂) with v̂ = 1 ± 2 ulps
 
 
 def test_bfloat16_params_give_bfloat16_updates():

@@ -29,7 +29,9 @@ def test_moments_are_stored_in_the_dtypes_asked_for(param_dtype, mu_dtype, nu_dt
     _, state, updates = _run(tx, p, lambda t: jnp.full(5, 0.5 + t, param_dtype), 3)
     adam_state = state[0]
     assert adam_state.mu.dtype == (mu_dtype or param_dtype)
-    assert adam_state.nu.dtype == (nu_dtype or param_dtype)
+    # float16 cannot hold |g|² > 65504: its default second moment is float32.
+    default_nu = jnp.float32 if param_dtype == jnp.float16 else param_dtype
+    assert adam_state.nu.dtype == (nu_dtype or default_nu)
     assert updates.dtype == param_dtype
 
 
@@ -174,3 +176,13 @@ def test_master_weights_jit_none_leaves_and_errors():
 def test_integer_or_unknown_moment_dtypes_are_rejected(name, bad):
     with pytest.raises(ValueError, match=name):
         fa.adam(1e-3, **{name: bad})
+
+
+@pytest.mark.parametrize("grad", [300.0, 3000.0, 60000.0])
+def test_float16_params_take_steps_of_about_lr_whatever_the_gradient(grad):
+    """With float16 params and default moments, the first step moves each entry by about lr."""
+    p = jnp.zeros(4, jnp.float16)
+    tx = fa.adam(0.1)
+    updates, _ = tx.update(jnp.full(4, grad, jnp.float16), tx.init(p), p)
+    moved = jnp.abs(fa.apply_updates(p, updates).astype(jnp.float32))
+    np.testing.assert_allclose(moved, 0.1, rtol=1e-2)

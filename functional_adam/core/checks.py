@@ -81,6 +81,54 @@ def check_hyperparameter(
         raise ValueError(f"{name} must be in [{low}, {high}{closing}, got {shown}")
 
 
+def check_decays(**decays: Any) -> None:
+    """Each named decay rate (``b1=0.9, b2=...``) must lie in ``[0, 1)``.
+
+    Example:
+        >>> check_decays(b1=0.9, b2=1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: b2 must be in [0.0, 1.0), got 1.0
+    """
+    for name, value in decays.items():
+        check_hyperparameter(name, value, high=1.0)
+
+
+def check_epsilons(eps: Any, eps_root: Any, names: tuple[str, str] = ("eps", "eps_root")) -> None:
+    """``eps`` and ``eps_root`` must be non-negative and not both 0 (0/0 for a zero gradient).
+
+    Example:
+        >>> check_epsilons(0.0, 0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: eps and eps_root are both 0: a zero gradient would give 0/0 = NaN. Set eps > 0 (usual) or eps_root > 0.
+    """
+    check_hyperparameter(names[0], eps)
+    check_hyperparameter(names[1], eps_root)
+    values = [concrete_values(x) for x in (eps, eps_root)]
+    if all(v is not None and not v.any() for v in values):
+        raise ValueError(
+            f"{names[0]} and {names[1]} are both 0: a zero gradient would give 0/0 = NaN. "
+            f"Set {names[0]} > 0 (usual) or {names[1]} > 0."
+        )
+
+
+def check_moment_dtype(name: str, dtype: Any) -> jnp.dtype | None:
+    """Like :func:`check_float_dtype`, also accepting complex dtypes (as Optax's ``mu_dtype``).
+
+    Example:
+        >>> check_moment_dtype("mu_dtype", "complex64")
+        dtype('complex64')
+    """
+    if dtype is not None:
+        try:
+            if jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
+                return jnp.dtype(dtype)
+        except TypeError:
+            pass
+    return check_float_dtype(name, dtype)
+
+
 def check_float_dtype(name: str, dtype: Any) -> jnp.dtype | None:
     """Returns the canonical dtype, raising ``ValueError`` unless it is a float dtype.
 
@@ -123,6 +171,36 @@ def check_float_leaves(tree: Any, what: str) -> None:
                 f"{what}{jax.tree_util.keystr(path)} has dtype {dtype}; Adam needs floating-point "
                 "or complex leaves (keep integer state such as step counters out of the "
                 "optimized tree, or mask it)."
+            )
+
+
+def check_shapes(updates: Any, reference: Any, what: str = "parameter") -> None:
+    """Raises ``ValueError`` naming the first leaf whose shape differs from ``reference``'s.
+
+    ``reference`` has the structure of ``updates`` (or a different one, then nothing
+    is checked: :func:`check_same_structure` reports that); its leaves without a
+    ``shape`` (stored blocks, ``None``) are not checked.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> check_shapes({"w": jnp.zeros((3, 1))}, {"w": jnp.zeros(3)})
+        Traceback (most recent call last):
+        ...
+        ValueError: updates['w'] has shape (3, 1) but its parameter has shape (3,); gradients must have the shape of their parameter.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    try:
+        references = treedef.flatten_up_to(reference)
+    except (ValueError, TypeError):
+        return
+    for (path, leaf), ref in zip(leaves, references, strict=True):
+        shape = getattr(ref, "shape", None)
+        if shape is None or isinstance(ref, tuple):  # None, or a stored moment such as 8-bit blocks
+            continue
+        if tuple(jnp.shape(leaf)) != tuple(shape):
+            raise ValueError(
+                f"updates{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(leaf))} but its "
+                f"{what} has shape {tuple(shape)}; gradients must have the shape of their {what}."
             )
 
 

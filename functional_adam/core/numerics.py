@@ -55,6 +55,24 @@ def saturating_cast(second_moment: jax.Array, like: jax.Array) -> jax.Array:
     return jnp.minimum(second_moment, top).astype(like.dtype)
 
 
+def store(value: jax.Array, like: jax.Array) -> jax.Array:
+    """A moment computed in ``value``'s dtype, stored in ``like``'s.
+
+    A narrower real storage dtype saturates at its largest finite magnitude
+    rather than rounding to ``inf``, which would freeze that entry for good.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> store(jnp.array([1.0, -1e6]), jnp.zeros(2, jnp.float16))
+        Array([ 1.00e+00, -6.55e+04], dtype=float16)
+    """
+    narrower = jnp.dtype(like.dtype).itemsize < jnp.dtype(value.dtype).itemsize
+    if narrower and jnp.issubdtype(like.dtype, jnp.floating) and not jnp.iscomplexobj(value):
+        top = jnp.asarray(jnp.finfo(like.dtype).max, value.dtype)
+        return jnp.clip(value, -top, top).astype(like.dtype)
+    return value.astype(like.dtype)
+
+
 def zero_count() -> jax.Array:
     """The int32 step counter at step 0."""
     return jnp.zeros([], jnp.int32)
@@ -86,19 +104,32 @@ def real_dtype(dtype: Any) -> jnp.dtype:
 def moment_dtype(param_dtype: Any, requested: jnp.dtype | None, *, squared: bool) -> jnp.dtype:
     """The dtype a moment of a parameter of ``param_dtype`` is stored in.
 
-    The first moment of a complex parameter is complex, of the precision asked
-    for; the second moment (``squared=True``) is always real, since it holds
-    ``|g|^2``.
+    ``requested`` wins where given. By default a moment has the parameter's
+    dtype, except the second moment (``squared=True``) of a **float16**
+    parameter, which is float32: float16 cannot hold ``|g|² > 65504``, and a
+    capped second moment lets a step reach ``lr·|g|/181`` instead of about
+    ``lr`` (bfloat16 has float32's range and keeps bfloat16). The first moment of
+    a complex parameter is complex, of the precision asked for; the second
+    moment is always real, since it holds ``|g|²``.
 
     Example:
         >>> moment_dtype(jnp.complex64, None, squared=True)
         dtype('float32')
         >>> moment_dtype(jnp.complex64, jnp.dtype("bfloat16"), squared=False)
         dtype('complex64')
+        >>> moment_dtype(jnp.float16, None, squared=True), moment_dtype(jnp.float16, None, squared=False)
+        (dtype('float32'), dtype('float16'))
     """
     param_dtype = jnp.dtype(param_dtype)
     complex_param = jnp.issubdtype(param_dtype, jnp.complexfloating)
-    base = real_dtype(param_dtype) if requested is None else requested
+    if requested is not None:
+        base = jnp.dtype(requested)
+    elif squared and param_dtype == jnp.float16:
+        base = jnp.dtype(jnp.float32)
+    else:
+        base = real_dtype(param_dtype)
+    if squared and jnp.issubdtype(base, jnp.complexfloating):
+        base = real_dtype(base)
     if complex_param and not squared:
         return jnp.result_type(base, jnp.complex64)
     return jnp.dtype(base)

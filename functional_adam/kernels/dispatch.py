@@ -1,4 +1,18 @@
-"""``update_and_apply``: ``update`` then ``apply_updates``, in one kernel pass where one applies.
+"""``update_and_apply``: ``update`` then ``apply_updates``, as one kernel pass where one applies.
+
+A transformation that can compute the new parameters itself, in one pass (a
+compiled kernel), is a :class:`Fusable`: a ``GradientTransformation`` whose
+``update`` is the ordinary one and which carries a ``fused`` function. Inside
+:func:`update_and_apply` its ``update`` runs ``fused`` instead, records the new
+parameters it produced, and returns ``new_params - params`` as its updates.
+When those very updates reach the end of ``tx.update`` untouched, that is, every
+transformation after the fusable one passed them through (``chain``,
+``optax.inject_hyperparams``, ``optax.chain``), :func:`update_and_apply` returns
+the recorded parameters; a transformation before it (such as
+``optax.clip_by_global_norm``) only changes the gradients it is given. Where a
+later transformation changed the updates, or the parameters handed to the
+fusable one were not the caller's (``with_master_weights``), the updates are
+applied as usual, and under ``jax.jit`` the unused results cost nothing.
 
 JAX pairs each donated input with an output of the same shape and dtype *in
 order*, so donate the arguments in the order of the outputs, ``(params,
@@ -8,7 +22,12 @@ handed to the new ``params`` and XLA needs a temporary copy of the state.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
 
 from functional_adam.core.base import (
     GradientTransformation,
@@ -17,6 +36,83 @@ from functional_adam.core.base import (
     Updates,
     apply_updates,
 )
+
+FusedStep = Callable[..., "tuple[Params, OptState] | None"]
+"""``(grads, state, params) -> (new_params, new_state)``, or ``None`` where it does not apply."""
+
+
+class _Record(NamedTuple):
+    params: list  # the leaves of the params given to the fused step
+    updates: list  # the leaves of the updates it returned
+    new_params: Any
+
+
+class _Applying(threading.local):
+    records: list[_Record] | None = None
+
+
+_APPLYING = _Applying()
+
+
+@contextlib.contextmanager
+def _recording() -> Iterator[list[_Record]]:
+    outer, _APPLYING.records = _APPLYING.records, []
+    try:
+        yield _APPLYING.records
+    finally:
+        _APPLYING.records = outer
+
+
+def _fused_result(records: list[_Record], params: Params, updates: Updates) -> Any:
+    """The recorded new params whose updates are ``updates`` and whose params are ``params``."""
+    p_leaves, u_leaves = jax.tree.leaves(params), jax.tree.leaves(updates)
+    for record in records:
+        same_params = len(record.params) == len(p_leaves) and all(
+            a is b for a, b in zip(record.params, p_leaves, strict=True)
+        )
+        same_updates = len(record.updates) == len(u_leaves) and all(
+            a is b for a, b in zip(record.updates, u_leaves, strict=True)
+        )
+        if same_params and same_updates:
+            return record.new_params
+    return None
+
+
+class Fusable(GradientTransformation):
+    """A ``GradientTransformation`` that can also compute the new parameters in one pass.
+
+    ``init`` and ``update`` are the transformation's own (the reference path);
+    ``fused(grads, state, params)`` returns ``(new_params, new_state)`` with the
+    same state, or ``None`` where it does not apply (another backend, dtypes it
+    does not take, ...). Use it anywhere a ``GradientTransformation`` goes; only
+    :func:`update_and_apply` calls ``fused``.
+    """
+
+    __slots__ = ()
+
+
+def fusable(tx: GradientTransformation, fused: FusedStep) -> GradientTransformation:
+    """``tx`` whose ``update`` takes the one-pass ``fused`` step inside :func:`update_and_apply`.
+
+    Outside :func:`update_and_apply` (a plain ``tx.update``) it is ``tx``. The
+    result is a ``GradientTransformation`` (and a :class:`Fusable`), so it goes
+    into ``chain``, ``optax.chain`` or ``optax.inject_hyperparams`` like ``tx``.
+    """
+
+    def update(updates: Updates, state: OptState, params: Params | None = None, **extra_args):
+        records = _APPLYING.records
+        result = None
+        if records is not None and params is not None:
+            result = fused(updates, state, params, **extra_args)
+        if result is None:
+            return tx.update(updates, state, params, **extra_args)
+        new_params, new_state = result
+        delta = jax.tree.map(lambda new, old: new - old, new_params, params)
+        records.append(_Record(jax.tree.leaves(params), jax.tree.leaves(delta), new_params))
+        return delta, new_state
+
+    update.__doc__ = tx.update.__doc__
+    return Fusable(tx.init, update)
 
 
 def update_and_apply(
@@ -30,11 +126,13 @@ def update_and_apply(
 
     Under ``jax.jit`` XLA fuses the parameter update into the loop that
     computes Adam's direction, so each leaf's θ is read and written once.
-    For ``adam``/``adamw``/``nadam``/``nadamw`` on float32 or float64 leaves
-    on the CPU, the whole step is one pass of a compiled kernel over all leaves
-    (:mod:`functional_adam.kernels.fused_adam`, :mod:`functional_adam.kernels.build`).
-    Donate ``params`` and ``state`` (``jax.jit(..., donate_argnums=...)``) so
-    the new values are written in place, with no second copy of either.
+    For ``adam``/``adamw``/``nadam``/``nadamw`` with float32 or float64 leaves
+    on one CPU device, the whole step is one pass of a compiled kernel over all
+    leaves (:mod:`functional_adam.kernels.fused_adam`), also when the optimizer
+    sits in a ``chain`` (after, say, ``optax.clip_by_global_norm``) or in
+    ``optax.inject_hyperparams``. Donate ``params`` and ``state``
+    (``jax.jit(..., donate_argnums=...)``) so the new values are written in
+    place, with no second copy of either.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -48,10 +146,9 @@ def update_and_apply(
         >>> [round(float(x), 3) for x in params]
         [0.9, 1.1]
     """
-    fused = getattr(tx.update, "fused_update_and_apply", None)
-    if fused is not None:
-        result = fused(grads, state, params, **extra_args)
-        if result is not None:
-            return result
-    updates, state = tx.update(grads, state, params, **extra_args)
+    with _recording() as records:
+        updates, state = tx.update(grads, state, params, **extra_args)
+    new_params = _fused_result(records, params, updates)
+    if new_params is not None:
+        return new_params, state
     return apply_updates(params, updates), state

@@ -1,72 +1,46 @@
-"""``update_and_apply`` for ``adam``/``adamw``/``nadam``/``nadamw`` in one kernel call on the CPU.
+"""Adam, AdamW, NAdam and NAdamW as a chain that ``update_and_apply`` runs in one kernel pass.
 
-The aliases attach the function made here to the ``update`` of the chain they
-return; :func:`functional_adam.update_and_apply` calls it, and it runs the
-whole step (moments, direction, decoupled weight decay, learning rate and the
-parameter update) for all leaves in one call of the C++ kernel of
-:mod:`functional_adam.kernels.build`. It reads and writes the same state as the
-chain, so the two paths can alternate, and it computes the same arithmetic in
-the same order (equal to the chain's results within a rounding of the last bit,
-tested in ``tests/test_native.py``).
+:func:`adam_chain` builds ``chain(scale_by_adam, [add_decayed_weights],
+scale_by_learning_rate)`` and, with it, the step that computes the same chain
+and the parameter update in one call of the C++ kernel
+(:mod:`functional_adam.kernels.adam_cpu`). The two share the state, so they can
+alternate, and the arithmetic and its order (equal within a rounding of the
+last bit, tested in ``tests/test_native.py``). The chain is a
+:class:`~functional_adam.kernels.dispatch.Fusable`: ``update_and_apply`` finds
+its kernel step through ``chain``, ``optax.chain`` and
+``optax.inject_hyperparams``.
 
-It applies where every parameter, gradient and moment is float32 (or every one
-float64) and the step runs on a machine whose only device is one CPU; anything
-else (bf16 moments, a GPU, several CPU devices that may shard the state, a tree
-that does not match the state) takes the XLA path, which also gives the errors
-for bad input.
+The kernel step applies where every parameter, gradient and moment is float32
+(or every one float64), every hyperparameter is a scalar, and the only device is
+one CPU; anything else (bf16 moments, a GPU, several CPU devices that may shard
+the state, a tree that does not match the state) takes the chain, which also
+gives the errors for bad input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from functional_adam.core.base import GradientTransformation, OptState, Params, Updates
+from functional_adam.core.base import GradientTransformation, ScalarOrSchedule, chain
 from functional_adam.core.numerics import safe_increment
 from functional_adam.kernels import adam_cpu, build
-from functional_adam.optimizers.adam import ScaleByAdamState, bias_corrections
+from functional_adam.kernels.dispatch import fusable
+from functional_adam.optimizers.adam import ScaleByAdamState, bias_corrections, scale_by_adam
 from functional_adam.transforms.learning_rate import scale_by_learning_rate
-from functional_adam.transforms.weight_decay import WeightDecaySchedule
-
-FusedApply = Callable[..., "tuple[Params, OptState] | None"]
-
-
-def attach(tx: GradientTransformation, fused: FusedApply) -> GradientTransformation:
-    """``tx`` whose ``update`` carries ``fused`` for :func:`functional_adam.update_and_apply`.
-
-    ``fused(grads, state, params)`` returns ``(new_params, new_state)``, or
-    ``None`` where it does not apply; ``tx`` itself is unchanged.
-    """
-
-    def update(updates: Updates, state: OptState, params: Params | None = None, **extra_args):
-        return tx.update(updates, state, params, **extra_args)
-
-    update.__doc__ = tx.update.__doc__
-    update.fused_update_and_apply = fused  # type: ignore[attr-defined]
-    return GradientTransformation(tx.init, update)
+from functional_adam.transforms.weight_decay import (
+    WeightDecaySchedule,
+    add_decayed_weights,
+    decay_flags,
+)
 
 
-def _decay_flags(mask: Any, params: Params) -> list[bool]:
-    """One bool per parameter leaf: whether weight decay applies (mask: tree, prefix or callable)."""
-    tree_mask = mask(params) if callable(mask) else mask
-    if tree_mask is None:
-        return [True] * len(jax.tree.leaves(params))
-    full = jax.tree.map(
-        lambda flag, sub: jax.tree.map(lambda _: bool(flag), sub),
-        tree_mask,
-        params,
-        is_leaf=lambda x: x is None,
-    )
-    return jax.tree.leaves(full)
-
-
-def _kernel_leaves(grads, state, params):
+def _kernel_leaves(grads, adam_state, params):
     """The ``(p, g, m, v)`` of each leaf and its dtype, or ``None`` if the kernel cannot take them."""
     p_leaves, treedef = jax.tree.flatten(params)
-    trees = (grads, state.mu, state.nu)
+    trees = (grads, adam_state.mu, adam_state.nu)
     if any(jax.tree.structure(t) != treedef for t in trees) or not p_leaves:
         return None
     leaves = list(zip(p_leaves, *(treedef.flatten_up_to(t) for t in trees), strict=True))
@@ -79,63 +53,68 @@ def _kernel_leaves(grads, state, params):
     return leaves, treedef, dtype
 
 
-def fused_adam(
+def _runs_here() -> bool:
+    # An accelerator: XLA fuses the step there. Several CPU devices: the state may be sharded,
+    # and XLA cannot partition the kernel's call (it would gather every array on each device).
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and build.available()
+
+
+def adam_chain(
     *,
     b1: Any,
     b2: Any,
     eps: Any,
     eps_root: Any,
-    learning_rate: Any,
+    mu_dtype: Any,
+    nu_dtype: Any,
     nesterov: bool,
-    weight_decay: Any = None,
+    learning_rate: ScalarOrSchedule,
+    weight_decay: ScalarOrSchedule | None = None,
     mask: Any = None,
-) -> FusedApply:
-    """The kernel-backed ``update_and_apply`` of ``chain(scale_by_adam,
-    [add_decayed_weights,] scale_by_learning_rate)`` with these hyperparameters
-    (``weight_decay=None``: no decay stage).
-    """
-    lr_tx = scale_by_learning_rate(learning_rate)
-    decoupled = weight_decay is not None
+) -> GradientTransformation:
+    """``chain(scale_by_adam, [add_decayed_weights,] scale_by_learning_rate)``, fusable.
 
-    def kernel_step(found, state, flags):
-        adam_state, lr_state = state[0], state[-1]
+    ``weight_decay=None`` leaves the decay stage out (Adam, NAdam).
+    """
+    direction = scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov=nesterov)
+    decay = () if weight_decay is None else (add_decayed_weights(weight_decay, mask),)
+    lr_tx = scale_by_learning_rate(learning_rate)
+    tx = chain(direction, *decay, lr_tx)
+
+    def decay_rate(decay_state):
+        if not callable(weight_decay):
+            return weight_decay, decay_state
+        return weight_decay(decay_state.count), WeightDecaySchedule(
+            safe_increment(decay_state.count)
+        )
+
+    def fused(grads, state, params, **extra_args):
+        del extra_args
+        if not (isinstance(state, tuple) and len(state) == 2 + len(decay)) or not _runs_here():
+            return None
+        adam_state, *decay_state, lr_state = state
+        if not isinstance(adam_state, ScaleByAdamState):
+            return None
+        found = _kernel_leaves(grads, adam_state, params)
+        if found is None:
+            return None
         leaves, treedef, dtype = found
         count = safe_increment(adam_state.count)
         bc = bias_corrections(b1, b2, count)
         neg_lr, lr_state = lr_tx.update(jnp.ones([], dtype), lr_state)  # exactly -lr
-        rate, middle = 0.0, ()
-        if decoupled:
-            wd_state, rate = state[1], weight_decay
-            if callable(weight_decay):
-                rate = weight_decay(wd_state.count)
-                wd_state = WeightDecaySchedule(safe_increment(wd_state.count))
-            middle = (wd_state,)
-        inverse = [1 / jnp.asarray(x).astype(dtype) for x in (bc.mu, bc.nu, bc.mu_next)]
-        values = (b1, 1 - b1, b2, 1 - b2, eps, eps_root, *inverse, neg_lr, rate)
-        scalars = jnp.stack([jnp.asarray(x).astype(dtype) for x in values])
-        out = adam_cpu.adam_step(scalars, leaves, tuple(flags), nesterov)
+        rate, flags = 0.0, [False] * len(leaves)
+        if decay:
+            rate, decay_state[0] = decay_rate(decay_state[0])
+            flags = decay_flags(mask, params)
+        scalars = adam_cpu.KernelScalars(
+            b1, 1 - b1, b2, 1 - b2, eps, eps_root,
+            *(1 / jnp.asarray(x).astype(dtype) for x in bc),
+            neg_lr, rate,
+        )  # fmt: skip
+        if any(jnp.ndim(x) != 0 for x in scalars):
+            return None  # per-leaf or vector hyperparameters: the chain broadcasts them
+        out = adam_cpu.adam_step(scalars.stack(dtype), leaves, tuple(flags), nesterov)
         new_params, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
-        return new_params, (ScaleByAdamState(count, mu, nu), *middle, lr_state)
+        return new_params, (ScaleByAdamState(count, mu, nu), *decay_state, lr_state)
 
-    def fused(grads, state, params, **extra_args):
-        del extra_args
-        if params is None or jax.default_backend() != "cpu":
-            return None  # an accelerator is the default: XLA fuses the step there
-        if jax.device_count() > 1:
-            return None  # several CPU devices: the state may be sharded, and XLA cannot
-            # partition the kernel's call (it would gather every array onto each device)
-        expected = 3 if decoupled else 2
-        if not (isinstance(state, tuple) and len(state) == expected):
-            return None
-        if not isinstance(state[0], ScaleByAdamState) or not build.available():
-            return None
-        found = _kernel_leaves(grads, state[0], params)
-        if found is None:
-            return None
-        try:
-            flags = _decay_flags(mask, params) if decoupled else [False] * len(found[0])
-        except (ValueError, TypeError):
-            return None  # a mask that does not fit: the XLA path says so
-        return kernel_step(found, state, flags)
-
-    return fused
+    return fusable(tx, fused)

@@ -29,15 +29,9 @@ import jax.numpy as jnp
 
 from functional_adam.compat.conventions import OPTAX, Convention, check_convention
 from functional_adam.core import checks
-from functional_adam.core.base import GradientTransformation, Params, Updates
-from functional_adam.core.numerics import (
-    compute_dtype,
-    real_dtype,
-    safe_increment,
-    saturate,
-    zero_count,
-    zeros_like_moment,
-)
+from functional_adam.core.base import GradientTransformation, Updates
+from functional_adam.core.lift import LeafOptimizer, Moment, lift
+from functional_adam.core.numerics import compute_dtype, real_dtype, safe_increment, saturate
 
 
 class ScaleByAdamState(NamedTuple):
@@ -60,9 +54,9 @@ class ScaleByAmsgradState(NamedTuple):
 class BiasCorrections(NamedTuple):
     """The scalars ``1 - b^t`` of one step, computed once and shared by all leaves."""
 
-    mu: jax.Array  # 1 - b1^t
-    nu: jax.Array  # 1 - b2^t
-    mu_next: jax.Array  # 1 - b1^(t+1), for Nesterov
+    bc1: jax.Array  # 1 - b1^t
+    bc2: jax.Array  # 1 - b2^t
+    bc1_next: jax.Array  # 1 - b1^(t+1), for Nesterov
 
 
 @functools.partial(jax.jit, inline=True)
@@ -78,14 +72,14 @@ def bias_corrections(
 
     Example:
         >>> import jax.numpy as jnp
-        >>> round(float(bias_corrections(0.9, 0.999, jnp.array(1)).mu), 6)
+        >>> round(float(bias_corrections(0.9, 0.999, jnp.array(1)).bc1), 6)
         0.1
     """
     one = jnp.ones([])
     return BiasCorrections(
-        mu=_one_minus_power(b1, count) if correct_mu else one,
-        nu=_one_minus_power(b2, count) if correct_nu else one,
-        mu_next=_one_minus_power(b1, safe_increment(count)) if correct_mu else one,
+        bc1=_one_minus_power(b1, count) if correct_mu else one,
+        bc2=_one_minus_power(b2, count) if correct_nu else one,
+        bc1_next=_one_minus_power(b1, safe_increment(count)) if correct_mu else one,
     )
 
 
@@ -129,13 +123,13 @@ def adam_leaf(
     if jnp.finfo(v_storage).bits < jnp.finfo(v_dtype).bits:  # a narrower v: keep it finite
         g_sq = saturate(g_sq, v_storage)
     v = (1 - b2) * g_sq + b2 * v
-    bc1, bc2 = bc.mu.astype(m.dtype), bc.nu.astype(v_dtype)
+    bc1, bc2 = bc.bc1.astype(m.dtype), bc.bc2.astype(v_dtype)
 
     if convention.epsilon == "hat":  # TF1/Keras: lr_t = lr·sqrt(1-b2^t)/(1-b1^t), eps on raw v
         if v_max is not None:
             v_max = jnp.maximum(v_max.astype(v_dtype), v)
         v_den = v if v_max is None else v_max
-        step = (jnp.sqrt(bc2) / bc.mu.astype(v_dtype)).astype(m.dtype)
+        step = (jnp.sqrt(bc2) / bc.bc1.astype(v_dtype)).astype(m.dtype)
         return m * step / (jnp.sqrt(v_den + eps_root) + eps), m, v, v_max
 
     if v_max is None:
@@ -146,95 +140,63 @@ def adam_leaf(
     else:  # Optax: max over the corrected v̂
         v_max = v_hat = jnp.maximum(v_max.astype(v_dtype), v / bc2)
     if nesterov:
-        m_hat = b1 * (m / bc.mu_next.astype(m.dtype)) + (1 - b1) * (g / bc1)
+        m_hat = b1 * (m / bc.bc1_next.astype(m.dtype)) + (1 - b1) * (g / bc1)
     else:
         m_hat = m / bc1
     u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
     return u, m, v, v_max
 
 
-def _check_hyperparameters(b1, b2, eps, eps_root) -> None:
-    checks.check_hyperparameter("b1", b1, high=1.0)
-    checks.check_hyperparameter("b2", b2, high=1.0)
-    checks.check_hyperparameter("eps", eps)
-    checks.check_hyperparameter("eps_root", eps_root)
-    if all(isinstance(x, int | float) for x in (eps, eps_root)) and eps == 0 and eps_root == 0:
-        raise ValueError(
-            "eps and eps_root are both 0: a zero gradient would give 0/0 = NaN. "
-            "Set eps > 0 (usual) or eps_root > 0."
+class AdamHyperparameters(NamedTuple):
+    """Adam's hyperparameters, the static part of its per-leaf step."""
+
+    b1: Any = 0.9
+    b2: Any = 0.999
+    eps: Any = 1e-8
+    eps_root: Any = 0.0
+    nesterov: bool = False
+    convention: Convention = OPTAX
+
+    def checked(self) -> AdamHyperparameters:
+        """These hyperparameters, or a ``ValueError``/``TypeError`` naming the one at fault."""
+        checks.check_decays(b1=self.b1, b2=self.b2)
+        checks.check_epsilons(self.eps, self.eps_root)
+        convention = check_convention(self.convention)
+        if self.nesterov and convention.epsilon == "hat":
+            raise ValueError("nesterov=True is not defined with convention.epsilon='hat'.")
+        return self._replace(convention=convention)
+
+
+def adam_optimizer(
+    hyper: AdamHyperparameters,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    *,
+    amsgrad: bool = False,
+    correct_mu: bool = True,
+    correct_nu: bool = True,
+) -> LeafOptimizer:
+    """Adam (or AMSGrad) as a :class:`~functional_adam.core.lift.LeafOptimizer`: :func:`adam_leaf`."""
+    hyper = hyper.checked()
+    mu_dtype = checks.check_moment_dtype("mu_dtype", mu_dtype)
+    nu_dtype = checks.check_float_dtype("nu_dtype", nu_dtype)
+    moments = (Moment("mu", False, mu_dtype), Moment("nu", True, nu_dtype))
+    if amsgrad:
+        moments += (Moment("nu_max", True, nu_dtype),)
+    kwargs = dict(hyper._asdict())
+
+    def scalars(count: jax.Array) -> BiasCorrections:
+        return bias_corrections(
+            hyper.b1, hyper.b2, count, correct_mu=correct_mu, correct_nu=correct_nu
         )
 
+    def step(g, moments, bc):
+        m, v, *v_max = moments
+        u, m, v, v_max = adam_leaf(g, m, v, v_max[0] if amsgrad else None, bc, **kwargs)
+        return u, (m, v, v_max) if amsgrad else (m, v)
 
-def _scale_by_adam_family(
-    b1,
-    b2,
-    eps,
-    eps_root,
-    mu_dtype,
-    nu_dtype,
-    *,
-    nesterov,
-    amsgrad,
-    convention,
-    correct_mu=True,
-    correct_nu=True,
-) -> GradientTransformation:
-    _check_hyperparameters(b1, b2, eps, eps_root)
-    mu_dtype = checks.check_float_dtype("mu_dtype", mu_dtype)
-    nu_dtype = checks.check_float_dtype("nu_dtype", nu_dtype)
-    convention = check_convention(convention)
-    if nesterov and convention.epsilon == "hat":
-        raise ValueError("nesterov=True is not defined with convention.epsilon='hat'.")
-
-    def init(params: Params):
-        checks.check_float_leaves(params, "params")
-        mu = zeros_like_moment(params, mu_dtype, squared=False)
-        nu = zeros_like_moment(params, nu_dtype, squared=True)
-        if amsgrad:
-            return ScaleByAmsgradState(
-                zero_count(), mu, nu, zeros_like_moment(params, nu_dtype, squared=True)
-            )
-        return ScaleByAdamState(zero_count(), mu, nu)
-
-    def update(updates: Updates, state, params: Params | None = None, **extra_args: Any):
-        del params, extra_args
-        checks.check_same_structure(updates, state.mu)
-        checks.check_float_leaves(updates, "updates")
-        count_inc = safe_increment(state.count)
-        bc = bias_corrections(b1, b2, count_inc, correct_mu=correct_mu, correct_nu=correct_nu)
-        g_leaves, treedef = jax.tree.flatten(updates)
-        m_leaves = treedef.flatten_up_to(state.mu)
-        v_leaves = treedef.flatten_up_to(state.nu)
-        vmax_leaves = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(g_leaves)
-        results = [
-            adam_leaf(
-                g,
-                m,
-                v,
-                vm,
-                bc,
-                b1=b1,
-                b2=b2,
-                eps=eps,
-                eps_root=eps_root,
-                nesterov=nesterov,
-                convention=convention,
-            )
-            for g, m, v, vm in zip(g_leaves, m_leaves, v_leaves, vmax_leaves, strict=True)
-        ]
-
-        def rebuild(index, like):
-            return treedef.unflatten(
-                [r[index].astype(x.dtype) for r, x in zip(results, like, strict=True)]
-            )
-
-        new_updates = rebuild(0, g_leaves)
-        mu, nu = rebuild(1, m_leaves), rebuild(2, v_leaves)
-        if amsgrad:
-            return new_updates, ScaleByAmsgradState(count_inc, mu, nu, rebuild(3, vmax_leaves))
-        return new_updates, ScaleByAdamState(count_inc, mu, nu)
-
-    return GradientTransformation(init, update)
+    state_type = ScaleByAmsgradState if amsgrad else ScaleByAdamState
+    return LeafOptimizer(state_type, moments, scalars, step)
 
 
 def scale_by_adam(
@@ -276,17 +238,8 @@ def scale_by_adam(
         >>> round(float(u), 4)  # m̂/(sqrt(v̂)+eps) = 10/(10+1e-8), up to float32 rounding
         1.0
     """
-    return _scale_by_adam_family(
-        b1,
-        b2,
-        eps,
-        eps_root,
-        mu_dtype,
-        nu_dtype,
-        nesterov=nesterov,
-        amsgrad=False,
-        convention=convention,
-    )
+    hyper = AdamHyperparameters(b1, b2, eps, eps_root, nesterov, convention)
+    return lift(adam_optimizer(hyper, mu_dtype, nu_dtype))
 
 
 def scale_by_amsgrad(
@@ -326,16 +279,13 @@ def scale_by_amsgrad(
         >>> state.nu_max.round(3)  # v̂ = 9 after step 1; v̂ of step 2 is lower
         Array([9., 0.], dtype=float32)
     """
-    return _scale_by_adam_family(
-        b1,
-        b2,
-        eps,
-        eps_root,
+    hyper = AdamHyperparameters(b1, b2, eps, eps_root, convention=convention)
+    optimizer = adam_optimizer(
+        hyper,
         mu_dtype,
         nu_dtype,
-        nesterov=False,
         amsgrad=True,
-        convention=convention,
         correct_mu=bias_correction_mu,
         correct_nu=bias_correction_nu,
     )
+    return lift(optimizer)

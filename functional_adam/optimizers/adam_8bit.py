@@ -11,11 +11,14 @@ value never gets the zero code
 itself, the gradients more than ~2,500 times smaller than their block's largest
 had ``v`` rounded to 0 and Adam steps up to 9 times too large.
 
-Each step, per leaf, runs in one jitted loop over chunks of 64K elements (so no
-full-size float32 moment is ever materialised)::
+The optimizer is :func:`functional_adam.optimizers.adam.adam_optimizer`, the
+per-leaf Adam of ``scale_by_adam``, lifted with the 8-bit storage layer
+:class:`~functional_adam.storage.blockwise.BlockStorage`, which runs it in one
+loop over chunks of 64K elements per leaf (so no full-size float32 moment is
+ever materialised)::
 
     m, v = dequantize(m_codes), dequantize(v_codes) ** 2  # float32
-    u, m, v = adam_leaf(g, m, v, ...)                     # the Adam step of functional_adam.optimizers.adam
+    u, m, v = adam_leaf(g, m, v, ...)                     # Adam's per-leaf step
     m_codes, v_codes = quantize(m), quantize(sqrt(v))     # new absmax per block
 
 The arithmetic is float32 (``adam_leaf``'s) also for bfloat16/float16
@@ -36,16 +39,12 @@ along its block axis.
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
-from functional_adam.compat.conventions import OPTAX, Convention, check_convention
-from functional_adam.core import checks
+from functional_adam.compat.conventions import OPTAX, Convention
 from functional_adam.core.base import (
     GradientTransformation,
     Params,
@@ -53,28 +52,15 @@ from functional_adam.core.base import (
     Updates,
     chain,
 )
-from functional_adam.core.numerics import (
-    compute_dtype,
-    moment_dtype,
-    safe_increment,
-    saturating_cast,
-    zero_count,
-)
-from functional_adam.optimizers.adam import BiasCorrections, adam_leaf, bias_corrections
-from functional_adam.storage.quantized import (
-    BlockQuantized,
-    check_block_size,
-    decode_blocks,
-    decode_second_moment,
-    encode_blocks,
-    encode_second_moment,
-    zeros,
+from functional_adam.core.lift import lift
+from functional_adam.optimizers.adam import AdamHyperparameters, adam_optimizer
+from functional_adam.storage.blockwise import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_MIN_8BIT_SIZE,
+    BlockStorage,
 )
 from functional_adam.transforms.learning_rate import scale_by_learning_rate
 from functional_adam.transforms.weight_decay import add_decayed_weights
-
-DEFAULT_BLOCK_SIZE = 256
-DEFAULT_MIN_8BIT_SIZE = 4096
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -87,105 +73,6 @@ class ScaleByAdam8bitState(NamedTuple):
     count: jax.Array  # int32 scalar, saturating
     mu: Updates
     nu: Updates
-
-
-def _is_quantized(x: Any) -> bool:
-    return isinstance(x, BlockQuantized)
-
-
-_CHUNK_ELEMENTS = 2**16  # elements per loop iteration: the temporaries stay in cache
-
-
-def _blocks_step(g, m_q, v_q, bc, hyper, nesterov, convention):
-    """Dequantize, one :func:`adam_leaf` step, requantize, for ``(n, block_size)`` blocks."""
-    b1, b2, eps, eps_root = hyper
-    m = decode_blocks(m_q, signed=True)
-    v = decode_second_moment(v_q)
-    u, m, v, _ = adam_leaf(
-        g, m, v, None, bc, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-        nesterov=nesterov, convention=convention,
-    )  # fmt: skip
-    return u.astype(g.dtype), encode_blocks(m, signed=True), encode_second_moment(v)
-
-
-def _slice_blocks(q: BlockQuantized, start, n: int) -> BlockQuantized:
-    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, n, 0), q)
-
-
-def _set_blocks(q: BlockQuantized, start, new: BlockQuantized) -> BlockQuantized:
-    return jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, start, 0), q, new)
-
-
-@functools.partial(jax.jit, static_argnames=("nesterov", "convention"))
-def _quantized_leaf(
-    g: jax.Array,
-    m_q: BlockQuantized,
-    v_q: BlockQuantized,
-    bc: BiasCorrections,
-    hyper: tuple,
-    *,
-    nesterov: bool,
-    convention: Convention,
-) -> tuple[jax.Array, BlockQuantized, BlockQuantized]:
-    """One Adam step of a quantized leaf without full-size float32 temporaries.
-
-    The new codes need each block's new absolute maximum, so a loop over
-    chunks of 64K elements dequantizes, steps and requantizes, reading ``g``
-    and the old codes and writing the new codes into buffers the loop carries
-    (the blocks after the last whole chunk, with the zero-padded final block,
-    are done after the loop). The loop never reads what it carries: when it
-    did (and XLA fused that read into another output), XLA copied the whole
-    buffers in every iteration, which made a step quadratic in the leaf size.
-    ``u`` is elementwise in ``g`` and the old codes; left outside the loop, XLA
-    fuses it into ``apply_updates`` instead of writing a full-size buffer.
-    """
-    step = functools.partial(
-        _blocks_step, bc=bc, hyper=hyper, nesterov=nesterov, convention=convention
-    )
-    n_blocks, block_size = m_q.codes.shape
-    size = g.size
-    flat = g.reshape(-1)
-    chunk = max(1, min(_CHUNK_ELEMENTS // block_size, size // block_size))
-    looped = size // block_size // chunk * chunk  # blocks done inside the loop
-    out = tuple(jax.tree.map(jnp.zeros_like, q) for q in (m_q, v_q))
-
-    def body(i, carry):
-        m_out, v_out = carry
-        start = i * chunk
-        g_chunk = jax.lax.dynamic_slice_in_dim(flat, start * block_size, chunk * block_size)
-        _, m_new, v_new = step(
-            g_chunk.reshape(chunk, block_size),
-            _slice_blocks(m_q, start, chunk),
-            _slice_blocks(v_q, start, chunk),
-        )
-        return _set_blocks(m_out, start, m_new), _set_blocks(v_out, start, v_new)
-
-    if looped:
-        out = jax.lax.fori_loop(0, looped // chunk, body, out)
-    m_out, v_out = out
-    if looped < n_blocks:
-        tail = jnp.pad(flat[looped * block_size :], (0, n_blocks * block_size - size))
-        _, m_new, v_new = step(tail.reshape(-1, block_size), _tail(m_q, looped), _tail(v_q, looped))
-        m_out, v_out = _set_blocks(m_out, looped, m_new), _set_blocks(v_out, looped, v_new)
-    # u is elementwise in (g, old codes): XLA fuses it into its consumer (apply_updates).
-    m = decode_blocks(m_q, signed=True).reshape(-1)[:size].reshape(g.shape)
-    v = decode_second_moment(v_q).reshape(-1)[:size].reshape(g.shape)
-    b1, b2, eps, eps_root = hyper
-    u = adam_leaf(
-        g, m, v, None, bc, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-        nesterov=nesterov, convention=convention,
-    )[0]  # fmt: skip
-    return u.astype(g.dtype), m_out, v_out
-
-
-def _tail(q: BlockQuantized, start: int) -> BlockQuantized:
-    return jax.tree.map(lambda a: a[start:], q)
-
-
-def _check_min_size(min_8bit_size: int) -> int:
-    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-        raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
-    return min_8bit_size
 
 
 def scale_by_adam_8bit(
@@ -225,71 +112,13 @@ def scale_by_adam_8bit(
         >>> state.mu["w"].codes.dtype, state.mu["w"].codes.shape, state.mu["b"].dtype
         (dtype('int8'), (20, 256), dtype('float32'))
         >>> u, state = tx.update({"w": jnp.ones(5000), "b": jnp.ones(3)}, state)
-        >>> float(u["w"][0]), round(float(u["b"][0]), 4)  # first step: m̂/sqrt(v̂) = 1
+        >>> round(float(u["w"][0]), 4), round(float(u["b"][0]), 4)  # first step: m̂/sqrt(v̂) = 1
         (1.0, 1.0)
     """
-    for name, value, high in (("b1", b1, 1.0), ("b2", b2, 1.0), ("eps", eps, math.inf)):
-        checks.check_hyperparameter(name, value, high=high)
-    checks.check_hyperparameter("eps_root", eps_root)
-    mu_dtype = checks.check_float_dtype("mu_dtype", mu_dtype)
-    nu_dtype = checks.check_float_dtype("nu_dtype", nu_dtype)
-    block_size = check_block_size(block_size)
-    min_8bit_size = _check_min_size(min_8bit_size)
-    convention = check_convention(convention)
-    if nesterov and convention.epsilon == "hat":
-        raise ValueError("nesterov=True is not defined with convention.epsilon='hat'.")
-
-    def quantizes(p) -> bool:
-        return math.prod(p.shape) >= min_8bit_size and jnp.issubdtype(p.dtype, jnp.floating)
-
-    def init_moment(p, requested, squared):
-        if quantizes(p):
-            return zeros(p.shape, block_size, signed=not squared)
-        dtype = moment_dtype(compute_dtype(p.dtype), requested, squared=squared)
-        return jnp.zeros(p.shape, dtype)
-
-    def init(params: Params) -> ScaleByAdam8bitState:
-        checks.check_float_leaves(params, "params")
-        mu = jax.tree.map(lambda p: init_moment(p, mu_dtype, False), params)
-        nu = jax.tree.map(lambda p: init_moment(p, nu_dtype, True), params)
-        return ScaleByAdam8bitState(zero_count(), mu, nu)
-
-    def leaf_step(g, m, v, bc):
-        if _is_quantized(m):
-            hyper = (b1, b2, eps, eps_root)
-            return _quantized_leaf(g, m, v, bc, hyper, nesterov=nesterov, convention=convention)
-        u, m_new, v_new, _ = adam_leaf(
-            g,
-            m,
-            v,
-            None,
-            bc,
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            eps_root=eps_root,
-            nesterov=nesterov,
-            convention=convention,
-        )
-        return u.astype(g.dtype), m_new.astype(m.dtype), saturating_cast(v_new, v)
-
-    def update(updates: Updates, state: ScaleByAdam8bitState, params=None, **extra_args: Any):
-        del params, extra_args
-        skeleton = jax.tree.map(lambda _: 0, state.mu, is_leaf=_is_quantized)
-        checks.check_same_structure(updates, skeleton)
-        checks.check_float_leaves(updates, "updates")
-        count_inc = safe_increment(state.count)
-        bc = bias_corrections(b1, b2, count_inc)
-        g_leaves, treedef = jax.tree.flatten(updates)
-        m_leaves = treedef.flatten_up_to(state.mu)
-        v_leaves = treedef.flatten_up_to(state.nu)
-        results = [
-            leaf_step(g, m, v, bc) for g, m, v in zip(g_leaves, m_leaves, v_leaves, strict=True)
-        ]
-        u, mu, nu = (treedef.unflatten([r[i] for r in results]) for i in range(3))
-        return u, ScaleByAdam8bitState(count_inc, mu, nu)
-
-    return GradientTransformation(init, update)
+    hyper = AdamHyperparameters(b1, b2, eps, eps_root, nesterov, convention)
+    optimizer = adam_optimizer(hyper, mu_dtype, nu_dtype)
+    storage = BlockStorage(block_size, min_8bit_size).checked()
+    return lift(optimizer._replace(state_type=ScaleByAdam8bitState), storage)
 
 
 def adam_8bit(

@@ -14,18 +14,17 @@ from typing import Any
 import jax
 
 from functional_adam.core.base import GradientTransformation, Params, ScalarOrSchedule, chain
-from functional_adam.kernels.fused_adam import attach, fused_adam
+from functional_adam.kernels.fused_adam import adam_chain
 from functional_adam.optimizers.adam import scale_by_adam, scale_by_amsgrad
 from functional_adam.storage.flat import flatten
 from functional_adam.transforms.learning_rate import scale_by_learning_rate
 from functional_adam.transforms.weight_decay import add_decayed_weights
 
 
-def _direction(tx: GradientTransformation, flat: bool) -> GradientTransformation:
-    """Adam's direction, on one buffer per dtype when ``flat`` (see :func:`flatten`)."""
+def _check_flat(flat: bool) -> bool:
     if not isinstance(flat, bool):
         raise TypeError(f"flat must be a bool, got {flat!r}")
-    return flatten(tx) if flat else tx
+    return flat
 
 
 def adam(
@@ -67,16 +66,13 @@ def adam(
         >>> round(float(fa.apply_updates(x, updates)), 6)
         4.999
     """
-    tx = chain(
-        _direction(
-            scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov=nesterov), flat
-        ),
-        scale_by_learning_rate(learning_rate),
-    )
-    if flat:
-        return tx
-    hyperparameters = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov)
-    return attach(tx, fused_adam(learning_rate=learning_rate, **hyperparameters))
+    hyper = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    if _check_flat(flat):
+        return chain(
+            flatten(scale_by_adam(**hyper, nesterov=nesterov)),
+            scale_by_learning_rate(learning_rate),
+        )
+    return adam_chain(**hyper, nesterov=nesterov, learning_rate=learning_rate)
 
 
 def adamw(
@@ -117,20 +113,20 @@ def adamw(
         >>> updates["w"], updates["b"]
         (Array([-0.0001, -0.0001], dtype=float32), Array([-0., -0.], dtype=float32))
     """
-    tx = chain(
-        _direction(
-            scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov=nesterov), flat
-        ),
-        add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
+    hyper = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    if _check_flat(flat):
+        return chain(
+            flatten(scale_by_adam(**hyper, nesterov=nesterov)),
+            add_decayed_weights(weight_decay, mask),
+            scale_by_learning_rate(learning_rate),
+        )
+    return adam_chain(
+        **hyper,
+        nesterov=nesterov,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        mask=mask,
     )
-    if flat:
-        return tx
-    hyperparameters = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov)
-    fused = fused_adam(
-        learning_rate=learning_rate, weight_decay=weight_decay, mask=mask, **hyperparameters
-    )
-    return attach(tx, fused)
 
 
 def amsgrad(
@@ -159,13 +155,11 @@ def amsgrad(
         >>> round(float(updates[0]), 4)  # the first step moves by about lr
         -0.1
     """
+    direction = scale_by_amsgrad(
+        b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu, nu_dtype
+    )
     return chain(
-        _direction(
-            scale_by_amsgrad(
-                b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu, nu_dtype
-            ),
-            flat,
-        ),
+        flatten(direction) if _check_flat(flat) else direction,
         scale_by_learning_rate(learning_rate),
     )
 

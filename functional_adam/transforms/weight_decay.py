@@ -25,16 +25,34 @@ class WeightDecaySchedule(NamedTuple):
     count: jax.Array
 
 
-def _decay(mask_leaf: Any, updates: Any, params: Any, rate: Any) -> Any:
-    """``u + rate·θ`` over a subtree, or ``u`` unchanged where the mask is False."""
-    if not mask_leaf:
-        return updates
-    return jax.tree.map(
-        lambda u, p: None if u is None else u + (rate * p).astype(u.dtype),
-        updates,
-        params,
-        is_leaf=lambda x: x is None,
-    )
+def decay_flags(mask: Any | Callable[[Params], Any] | None, params: Params) -> list[bool]:
+    """One bool per (non-``None``) parameter leaf: whether ``mask`` decays it.
+
+    ``mask`` is ``None`` (decay all), a pytree of bools with the structure of the
+    params or a prefix of it (a flag covers its whole subtree), or a callable
+    ``params -> such a pytree``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> decay_flags({"w": True, "norm": False}, {"w": jnp.ones(2), "norm": {"a": 1.0, "b": 2.0}})
+        [False, False, True]
+    """
+    tree_mask = mask(params) if callable(mask) else mask
+    if tree_mask is None:
+        return [True] * len(jax.tree.leaves(params))
+    try:
+        full = jax.tree.map(
+            lambda flag, sub: jax.tree.map(lambda _: bool(flag), sub),
+            tree_mask,
+            params,
+            is_leaf=lambda x: x is None,
+        )
+    except ValueError as err:
+        raise ValueError(
+            "add_decayed_weights: the mask must have the structure of the params or of a "
+            f"prefix of it. {err}"
+        ) from None
+    return jax.tree.leaves(full)
 
 
 def add_decayed_weights(
@@ -86,22 +104,12 @@ def add_decayed_weights(
             )
         else:
             rate = weight_decay
-        tree_mask = mask(params) if callable(mask) else mask
-        if tree_mask is None:
-            return _decay(True, updates, params, rate), state
-        try:
-            decayed = jax.tree.map(
-                lambda m, u, p: _decay(m, u, p, rate),
-                tree_mask,
-                updates,
-                params,
-                is_leaf=lambda x: x is None,
-            )
-        except ValueError as err:
-            raise ValueError(
-                "add_decayed_weights: the mask must have the structure of the params or of a "
-                f"prefix of it. {err}"
-            ) from None
-        return decayed, state
+        flags = decay_flags(mask, params)
+        u_leaves, treedef = jax.tree.flatten(updates)
+        decayed = [
+            u + (rate * p).astype(u.dtype) if flag else u
+            for u, p, flag in zip(u_leaves, treedef.flatten_up_to(params), flags, strict=True)
+        ]
+        return treedef.unflatten(decayed), state
 
     return GradientTransformation(init, update)

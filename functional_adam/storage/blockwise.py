@@ -1,0 +1,161 @@
+r"""8-bit block-wise storage of moments: a storage layer for any per-leaf optimizer step.
+
+Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022
+(https://arxiv.org/abs/2110.02861). A moment of a large leaf is stored as 8-bit
+codes of the dynamic map with one float32 absmax per block
+(:mod:`functional_adam.storage.quantized`): a signed moment with the signed map
+(int8 codes), a squared moment (``Moment(squared=True)``) as the unsigned codes
+of its square root (uint8, :func:`~functional_adam.storage.quantized.encode_second_moment`).
+Leaves with fewer than ``min_8bit_size`` elements, and complex leaves (the maps
+are real), keep plain moments, as bitsandbytes does for small tensors.
+
+Each step of a quantized leaf runs the optimizer's elementwise ``step`` in one
+loop over chunks of 64K elements, so no full-size float32 moment is ever
+materialised::
+
+    moments = decode(codes)                 # float32, one chunk
+    u, moments = step(g, moments, scalars)  # the optimizer's own per-leaf math
+    codes = encode(moments)                 # new absmax per block
+
+Because the layer only decodes, calls ``step`` and encodes, any optimizer
+written for :func:`functional_adam.core.lift.lift` gets 8-bit moments with
+``lift(optimizer, BlockStorage(...))``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from functional_adam.core.lift import PLAIN, LeafStep, Moment
+from functional_adam.core.numerics import compute_dtype, moment_dtype
+from functional_adam.storage.quantized import (
+    BlockQuantized,
+    check_block_size,
+    decode_blocks,
+    decode_second_moment,
+    encode_blocks,
+    encode_second_moment,
+    zeros,
+)
+
+DEFAULT_BLOCK_SIZE = 256
+DEFAULT_MIN_8BIT_SIZE = 4096
+_CHUNK_ELEMENTS = 2**16  # elements per loop iteration: the temporaries stay in cache
+
+
+def check_min_size(min_8bit_size: int) -> int:
+    """``min_8bit_size`` as a non-negative int, or a ``ValueError`` naming it."""
+    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+        raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
+    return min_8bit_size
+
+
+def _decode(q: BlockQuantized, squared: bool) -> jax.Array:
+    return decode_second_moment(q) if squared else decode_blocks(q, signed=True)
+
+
+def _encode(x: jax.Array, squared: bool) -> BlockQuantized:
+    return encode_second_moment(x) if squared else encode_blocks(x, signed=True)
+
+
+def _slice_blocks(q: BlockQuantized, start, n: int) -> BlockQuantized:
+    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, n, 0), q)
+
+
+def _set_blocks(q: BlockQuantized, start, new: BlockQuantized) -> BlockQuantized:
+    return jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, start, 0), q, new)
+
+
+class BlockStorage(NamedTuple):
+    """Moments of leaves of at least ``min_8bit_size`` elements as 8-bit blocks.
+
+    Attributes:
+        block_size: elements per block (one float32 absmax each), a power of two.
+        min_8bit_size: smaller leaves keep plain moments (float32 for 16- and
+            32-bit parameters, or the dtype their :class:`Moment` asks for).
+    """
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE
+
+    def checked(self) -> BlockStorage:
+        """This storage, or a ``ValueError`` naming the argument at fault."""
+        return BlockStorage(check_block_size(self.block_size), check_min_size(self.min_8bit_size))
+
+    def quantizes(self, param: Any) -> bool:
+        """Whether the moments of ``param`` are stored in 8 bits."""
+        return math.prod(param.shape) >= self.min_8bit_size and jnp.issubdtype(
+            param.dtype, jnp.floating
+        )
+
+    def init(self, param: Any, moment: Moment) -> Any:
+        if self.quantizes(param):
+            return zeros(param.shape, self.block_size, signed=not moment.squared)
+        dtype = moment_dtype(compute_dtype(param.dtype), moment.dtype, squared=moment.squared)
+        return jnp.zeros(param.shape, dtype)
+
+    def is_leaf(self, x: Any) -> bool:
+        return isinstance(x, BlockQuantized)
+
+    def step(self, step: LeafStep, g: jax.Array, stored: tuple, scalars: Any) -> tuple:
+        if not any(isinstance(x, BlockQuantized) for x in stored):
+            return PLAIN.step(step, g, stored, scalars)
+        # A squared moment is encoded through its square root, a signed one directly; which
+        # is which follows from the codes' dtype (uint8: the unsigned map of a squared moment).
+        squared = tuple(x.codes.dtype == jnp.uint8 for x in stored)
+        return _quantized_step(step, g, stored, scalars, squared)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))  # eager steps round as jitted ones do
+def _quantized_step(step, g, stored, scalars, squared):
+    """One ``step`` of a quantized leaf without full-size float32 temporaries.
+
+    The new codes need each block's new absolute maximum, so a loop over
+    chunks of 64K elements decodes, steps and encodes, reading ``g`` and the
+    old codes and writing the new codes into buffers the loop carries (the
+    blocks after the last whole chunk, with the zero-padded final block, are
+    done after the loop). The loop never reads what it carries: when it did
+    (and XLA fused that read into another output), XLA copied the whole
+    buffers in every iteration, which made a step quadratic in the leaf size.
+    ``u`` is elementwise in ``g`` and the old codes; computed outside the loop,
+    XLA fuses it into ``apply_updates`` instead of writing a full-size buffer.
+    """
+    n_blocks, block_size = stored[0].codes.shape
+    size = g.size
+    flat = g.reshape(-1)
+
+    def blocks_step(g_blocks, old):
+        moments = tuple(_decode(q, sq) for q, sq in zip(old, squared, strict=True))
+        _, new = step(g_blocks, moments, scalars)
+        return tuple(_encode(x, sq) for x, sq in zip(new, squared, strict=True))
+
+    chunk = max(1, min(_CHUNK_ELEMENTS // block_size, size // block_size))
+    looped = size // block_size // chunk * chunk  # blocks done inside the loop
+    out = tuple(jax.tree.map(jnp.zeros_like, q) for q in stored)
+
+    def body(i, carry):
+        start = i * chunk
+        g_chunk = jax.lax.dynamic_slice_in_dim(flat, start * block_size, chunk * block_size)
+        old = tuple(_slice_blocks(q, start, chunk) for q in stored)
+        new = blocks_step(g_chunk.reshape(chunk, block_size), old)
+        return tuple(_set_blocks(c, start, n) for c, n in zip(carry, new, strict=True))
+
+    if looped:
+        out = jax.lax.fori_loop(0, looped // chunk, body, out)
+    if looped < n_blocks:
+        tail = jnp.pad(flat[looped * block_size :], (0, n_blocks * block_size - size))
+        old = tuple(jax.tree.map(lambda a: a[looped:], q) for q in stored)
+        new = blocks_step(tail.reshape(-1, block_size), old)
+        out = tuple(_set_blocks(c, looped, n) for c, n in zip(out, new, strict=True))
+    # u is elementwise in (g, old codes): XLA fuses it into its consumer (apply_updates).
+    moments = tuple(
+        _decode(q, sq).reshape(-1)[:size].reshape(g.shape)
+        for q, sq in zip(stored, squared, strict=True)
+    )
+    u = step(g, moments, scalars)[0]
+    return u.astype(g.dtype), out
