@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,13 +11,9 @@ import numpy as np
 import pytest
 
 import functional_adam as fa
+from tests.optimizers import CASES, cases
 
-OPTIMIZERS = {
-    "adam": lambda lr=1e-2: fa.adam(lr),
-    "adamw": lambda lr=1e-2: fa.adamw(lr, weight_decay=0.1),
-    "amsgrad": lambda lr=1e-2: fa.amsgrad(lr),
-    "nadam": lambda lr=1e-2: fa.nadam(lr),
-}
+DESCENDING = cases(lambda case: not case.direction_only)  # a step lowers the loss
 
 
 def _loss(params, x, y):
@@ -40,12 +38,18 @@ def _step_fn(tx):
     return step
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_jit_compiles_once(name):
-    tx = OPTIMIZERS[name]()
+@functools.cache
+def _jitted(case):
+    """One transformation and its jitted step per case, shared by the tests (one compilation)."""
+    tx = case.make()
+    return tx, jax.jit(_step_fn(tx))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_jit_compiles_once(case):
+    tx, step = _jitted(case)
     params, x, y = _problem()
     state = tx.init(params)
-    step = jax.jit(_step_fn(tx))
     for _ in range(5):
         params, state, _ = step(params, state, x, y)
     assert step._cache_size() == 1  # the state's shapes, dtypes and structure never change
@@ -68,9 +72,9 @@ def test_jit_compiles_once_with_compile_log(caplog):
     assert len(compiled_steps) == 1, [r.getMessage() for r in compiled_steps]
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_scan_equals_python_loop(name):
-    tx = OPTIMIZERS[name]()
+@pytest.mark.parametrize("case", DESCENDING)
+def test_scan_equals_python_loop(case):
+    tx, jitted = _jitted(case)
     params, x, y = _problem()
     step = _step_fn(tx)
 
@@ -83,7 +87,6 @@ def test_scan_equals_python_loop(name):
         lambda c: jax.lax.scan(body, c, None, length=50)
     )((params, tx.init(params)))
 
-    jitted = jax.jit(step)
     p, s, losses = params, tx.init(params), []
     for _ in range(50):
         p, s, loss = jitted(p, s, x, y)
@@ -94,10 +97,10 @@ def test_scan_equals_python_loop(name):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_vmap_over_independent_optimizers(name):
+@pytest.mark.parametrize("case", CASES)
+def test_vmap_over_independent_optimizers(case):
     """A batch of 3 problems optimised at once under vmap equals 3 separate runs."""
-    tx = OPTIMIZERS[name]()
+    tx, single = _jitted(case)
     problems = [_problem(seed) for seed in range(3)]
     batched = jax.tree.map(lambda *xs: jnp.stack(xs), *problems)
     params, x, y = batched
@@ -107,7 +110,7 @@ def test_vmap_over_independent_optimizers(name):
         params, state, _ = step(params, state, x, y)
 
     for i, (p, xi, yi) in enumerate(problems):
-        s, single = tx.init(p), jax.jit(_step_fn(tx))
+        s = tx.init(p)
         for _ in range(20):
             p, s, _ = single(p, s, xi, yi)
         row = jax.tree.map(lambda a, i=i: a[i], params)

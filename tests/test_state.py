@@ -10,8 +10,11 @@ import optax
 import pytest
 
 import functional_adam as fa
+from tests.optimizers import CASES
 from tests.trees import gradient_stream, mixed_tree
 
+# Four optimizers through the full dtype matrix below; tests/test_contract.py checks the
+# dtypes of every optimizer of tests/optimizers.py.
 FACTORIES = {
     "adam": lambda: fa.adam(1e-2),
     "adamw": lambda: fa.adamw(optax.linear_schedule(1e-2, 0.0, 10), weight_decay=0.1),
@@ -21,9 +24,9 @@ FACTORIES = {
 DTYPES = ["float16", "bfloat16", "float32", "float64", "complex64", "complex128"]
 
 
-@pytest.mark.parametrize("name", sorted(FACTORIES))
-def test_init_from_shape_dtype_structs(name):
-    tx = FACTORIES[name]()
+@pytest.mark.parametrize("case", CASES)
+def test_init_from_shape_dtype_structs(case):
+    tx = case.make()
     params = mixed_tree(jnp.float32)
     abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
     concrete_state = tx.init(params)
