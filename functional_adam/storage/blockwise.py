@@ -60,6 +60,7 @@ def _decode(q: BlockQuantized, squared: bool) -> jax.Array:
 
 
 def _encode(x: jax.Array, squared: bool) -> BlockQuantized:
+    x = x.astype(jnp.float32)  # the codes' scales are float32, also for float64 parameters
     return encode_second_moment(x) if squared else encode_blocks(x, signed=True)
 
 

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from functional_adam.core import checks
 from functional_adam.core.base import (
     GradientTransformation,
     OptState,
@@ -218,6 +219,7 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
     """
 
     def init(params: Params) -> FlatState:
+        checks.check_float_leaves(params, "params")
         entries = jax.tree_util.tree_flatten_with_path(params)[0]
         check_same_device(
             [(jax.tree_util.keystr(p), jnp.dtype(x.dtype).name, x) for p, x in entries], "flatten"

@@ -92,6 +92,7 @@ def with_master_weights(
                 "with_master_weights needs params: call update(updates, state, params)."
             )
         checks.check_same_structure(updates, params, "the params")
+        checks.check_shapes(updates, params)
         master = _full(state.master, params)
         grads = jax.tree.map(
             lambda g, m: g.astype(m.dtype) if _is_low_precision(g) else g, updates, master

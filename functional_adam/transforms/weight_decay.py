@@ -97,6 +97,7 @@ def add_decayed_weights(
                 "add_decayed_weights needs params: call update(updates, state, params)."
             )
         checks.check_same_structure(updates, params, "the params")
+        checks.check_shapes(updates, params)
         if callable(weight_decay):
             rate, state = (
                 weight_decay(state.count),
