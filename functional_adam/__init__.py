@@ -45,6 +45,7 @@ from functional_adam.transforms.learning_rate import (
     scale_by_schedule,
 )
 from functional_adam.transforms.master_weights import MasterWeightsState, with_master_weights
+from functional_adam.transforms.nonfinite import SkipNonfiniteState, skip_nonfinite
 from functional_adam.transforms.weight_decay import WeightDecaySchedule, add_decayed_weights
 
 # `functional_adam.conventions` stays importable as a module, as before the package had folders.
@@ -66,6 +67,7 @@ __all__ = [
     "ScaleByAmsgradState",
     "ScaleByScheduleState",
     "Schedule",
+    "SkipNonfiniteState",
     "Updates",
     "WeightDecaySchedule",
     "adam",
@@ -91,6 +93,7 @@ __all__ = [
     "scale_by_amsgrad",
     "scale_by_learning_rate",
     "scale_by_schedule",
+    "skip_nonfinite",
     "to_torch_state",
     "update_and_apply",
     "with_master_weights",
