@@ -37,7 +37,7 @@ from functional_adam.optimizers.adam_8bit import (
 )
 from functional_adam.optimizers.aliases import adam, adamw, amsgrad, nadam, nadamw
 from functional_adam.storage.flat import FlatState, flatten
-from functional_adam.storage.flat_params import FlatParams
+from functional_adam.storage.flat_params import FlatParams, check_layout
 from functional_adam.transforms.learning_rate import (
     ScaleByScheduleState,
     scale,
@@ -79,6 +79,7 @@ __all__ = [
     "amsgrad",
     "apply_updates",
     "chain",
+    "check_layout",
     "compat",
     "conventions",
     "flatten",
