@@ -37,7 +37,7 @@ from functional_adam.optimizers.adam_8bit import (
 )
 from functional_adam.optimizers.aliases import adam, adamw, amsgrad, nadam, nadamw
 from functional_adam.storage.flat import FlatState, flatten
-from functional_adam.storage.flat_params import FlatParams
+from functional_adam.storage.flat_params import FlatParams, check_layout
 from functional_adam.transforms.learning_rate import (
     ScaleByScheduleState,
     scale,
@@ -45,6 +45,7 @@ from functional_adam.transforms.learning_rate import (
     scale_by_schedule,
 )
 from functional_adam.transforms.master_weights import MasterWeightsState, with_master_weights
+from functional_adam.transforms.nonfinite import SkipNonfiniteState, skip_nonfinite
 from functional_adam.transforms.weight_decay import WeightDecaySchedule, add_decayed_weights
 
 # `functional_adam.conventions` stays importable as a module, as before the package had folders.
@@ -66,6 +67,7 @@ __all__ = [
     "ScaleByAmsgradState",
     "ScaleByScheduleState",
     "Schedule",
+    "SkipNonfiniteState",
     "Updates",
     "WeightDecaySchedule",
     "adam",
@@ -77,6 +79,7 @@ __all__ = [
     "amsgrad",
     "apply_updates",
     "chain",
+    "check_layout",
     "compat",
     "conventions",
     "flatten",
@@ -91,6 +94,7 @@ __all__ = [
     "scale_by_amsgrad",
     "scale_by_learning_rate",
     "scale_by_schedule",
+    "skip_nonfinite",
     "to_torch_state",
     "update_and_apply",
     "with_master_weights",

@@ -270,3 +270,92 @@ def test_bfloat16_state_round_trips_and_abstract_params_work():
     for key in ("exp_avg", "exp_avg_sq"):
         assert back["state"][0][key].dtype == torch.bfloat16
         assert torch.equal(back["state"][0][key], saved["state"][0][key])
+
+
+# ---- keys, steps and states that used to slip through or fail unclearly ----------------------
+
+
+def test_string_state_keys_are_matched_to_the_parameters():
+    """A JSON round trip makes the state's keys strings while param_groups keeps ints."""
+    saved, params = stepped_state_dict()
+    as_json = {**saved, "state": {str(k): v for k, v in saved["state"].items()}}
+    expected = compat.from_torch_state(saved, params)
+    assert int(expected.count) == 2
+    chex.assert_trees_all_equal(compat.from_torch_state(as_json, params), expected)
+
+
+def test_state_keys_that_match_no_parameter_are_refused():
+    saved, params = stepped_state_dict()
+    renamed = {**saved, "state": {f"p{k}": v for k, v in saved["state"].items()}}
+    with pytest.raises(
+        ValueError, match=r"state has entries for \['p0', 'p1', 'p2'\].*\[0, 1, 2\]"
+    ):
+        compat.from_torch_state(renamed, params)
+
+
+@pytest.mark.parametrize("step", [float("inf"), float("nan"), -1.0, 2.5])
+def test_steps_that_are_not_counts_are_refused(step):
+    saved, params = stepped_state_dict()
+    for entry in saved["state"].values():
+        entry["step"] = torch.tensor(step)
+    with pytest.raises(ValueError, match=rf"torch step {step} .*is not a count"):
+        compat.from_torch_state(saved, params)
+
+
+def test_state_that_is_not_a_dict_is_refused():
+    saved, params = stepped_state_dict()
+    with pytest.raises(TypeError, match=r"optimizer_state_dict\['state'\] must be a dict"):
+        compat.from_torch_state({**saved, "state": list(saved["state"].values())}, params)
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (lambda: fa.adam_8bit(1e-3, min_8bit_size=0), "8-bit"),
+        (lambda: fa.adam(1e-3, flat=True), "flat"),
+    ],
+    ids=["adam_8bit", "flat"],
+)
+def test_moments_that_are_not_float_arrays_per_parameter_are_refused(make, what):
+    saved, params = stepped_state_dict()
+    tx = make()
+    with pytest.raises(ValueError, match=rf"{what} moments cannot be mapped to PyTorch"):
+        compat.from_torch_state(saved, params, tx)
+    with pytest.raises(ValueError, match=rf"{what} moments cannot be mapped to PyTorch"):
+        compat.to_torch_state(tx.init(params), params, saved["param_groups"])
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+def test_step_is_written_as_torch_writes_it(default_dtype):
+    """A float tensor of torch's default dtype (float32 for fused or capturable groups)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        saved, params = stepped_state_dict()
+        for fused in (False, True):
+            groups = [{**g, "fused": fused} for g in saved["param_groups"]]
+            back = compat.to_torch_state(compat.from_torch_state(saved, params), params, groups)
+            theirs = torch.float32 if fused else saved["state"][0]["step"].dtype
+            assert back["state"][0]["step"].dtype == theirs
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize(
+    ("count", "comes_back"),
+    [(2**24, 2**24), (2**24 + 1, 2**24), (2**31 - 1, 2**31 - 1)],
+    ids=["2^24", "2^24+1", "saturated"],
+)
+def test_large_counts_round_trip_as_torch_stores_them(count, comes_back):
+    """float32 steps, as in PyTorch: above 2^24 a count comes back rounded to float32, and a
+    saturated count (written as 2^31) comes back saturated."""
+    saved, params = stepped_state_dict()
+    state = compat.from_torch_state(saved, params)._replace(count=jnp.array(count, jnp.int32))
+    back = compat.to_torch_state(state, params, saved["param_groups"])
+    assert back["state"][0]["step"].item() == float(np.float32(count))
+    assert int(compat.from_torch_state(back, params).count) == comes_back
+    torch_params = [torch.nn.Parameter(torch.ones(s)) for s in SHAPES]
+    opt = torch.optim.Adam(torch_params)
+    opt.load_state_dict(back)  # PyTorch takes it and steps on
+    torch_steps(opt, torch_params, make_data(steps=1)[1])
+    assert torch.isfinite(torch_params[0]).all()

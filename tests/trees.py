@@ -98,3 +98,9 @@ def parity_initial_params(size: int = PARITY_SIZE, seed: int = 1):
     """Parameters of magnitude 1 to 2, so that they stay far from 0 over the run."""
     rng = np.random.default_rng(seed)
     return (rng.uniform(1.0, 2.0, size) * rng.choice([-1.0, 1.0], size)).astype(np.float32)
+
+
+def displacement_error(ours, theirs, start) -> float:
+    """The largest ``|ours - theirs|`` as a fraction of the largest displacement ``|theirs - start|``."""
+    ours, theirs, start = (np.asarray(x, np.float64) for x in (ours, theirs, start))
+    return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs - start)))

@@ -22,15 +22,18 @@ the maximum in PyTorch). The chains are::
                  → scale_by_learning_rate → [ ]
     torch_adamw: [negate] → [ ] → scale_by_adam/amsgrad(PYTORCH)
                  → scale_by_learning_rate → [torch_decoupled_weight_decay]
-    keras_adam(w), tf1_adam: scale_by_adam/amsgrad(KERAS) → [add_decayed_weights]
-                 → scale_by_learning_rate
+    keras_adam(w):  scale_by_adam/amsgrad(KERAS) → [ ]
+                 → scale_by_learning_rate or keras_learning_rate_and_decay
+    tf1_adam:    scale_by_adam(KERAS) → [ ] → scale_by_learning_rate
 
 Bracketed pieces are :func:`~functional_adam.identity` when switched off, so
-the state has the same structure whatever the options. PyTorch's AdamW decay
-is applied as PyTorch rounds it (:func:`torch_decoupled_weight_decay`):
-``add_decayed_weights`` before the learning rate is the same in exact
-arithmetic but drifts from PyTorch by ~1.5e-5 relative over 500 steps.
-Keras decays as ``θ - θ·wd·lr``, which ``add_decayed_weights`` matches.
+the state has the same structure whatever the options. The AdamW decays are
+applied as the frameworks round them: θ is decayed in place and rounded, and
+only then stepped and rounded again (:func:`torch_decoupled_weight_decay`,
+:func:`keras_learning_rate_and_decay`, :func:`~functional_adam.compat.staged.staged_update`);
+``add_decayed_weights`` is the same in exact arithmetic but, rounding once,
+drifts 3e-4 (PyTorch) to 6e-4 (Keras) of the displacement away over 500
+steps at the frameworks' default ``lr·wd``.
 
 Options of the other framework that only choose a kernel or a name
 (PyTorch's ``foreach``, ``fused``, ``capturable``, ``differentiable``; Keras'
@@ -39,7 +42,12 @@ any other keyword raises one ``TypeError`` naming all of them. PyTorch states
 convert with :func:`from_torch_state` and :func:`to_torch_state`.
 """
 
-from functional_adam.compat.keras import keras_adam, keras_adamw, tf1_adam
+from functional_adam.compat.keras import (
+    keras_adam,
+    keras_adamw,
+    keras_learning_rate_and_decay,
+    tf1_adam,
+)
 from functional_adam.compat.pytorch import (
     negate,
     torch_adam,
@@ -52,6 +60,7 @@ __all__ = [
     "from_torch_state",
     "keras_adam",
     "keras_adamw",
+    "keras_learning_rate_and_decay",
     "negate",
     "tf1_adam",
     "to_torch_state",

@@ -5,16 +5,16 @@ See :mod:`functional_adam.compat` for the conventions and the chains.
 
 from __future__ import annotations
 
-from typing import Any
+import jax.numpy as jnp
 
 from functional_adam.compat import args as compat_args
 from functional_adam.compat.conventions import KERAS, TF1, Convention
 from functional_adam.compat.pytorch import Scalar
+from functional_adam.compat.staged import staged_update
 from functional_adam.core import checks
 from functional_adam.core.base import GradientTransformation, ScalarOrSchedule, chain, identity
 from functional_adam.optimizers.adam import scale_by_adam, scale_by_amsgrad
 from functional_adam.transforms.learning_rate import scale_by_learning_rate
-from functional_adam.transforms.weight_decay import add_decayed_weights
 
 
 def _adam_core(b1, b2, eps, amsgrad: bool, convention: Convention) -> GradientTransformation:
@@ -23,10 +23,52 @@ def _adam_core(b1, b2, eps, amsgrad: bool, convention: Convention) -> GradientTr
     return scale_by_adam(b1, b2, eps, convention=convention)
 
 
-def _decay(weight_decay: Any) -> GradientTransformation:
-    if weight_decay is None or compat_args.is_zero(weight_decay):
-        return identity()
-    return add_decayed_weights(weight_decay)
+def keras_learning_rate_and_decay(
+    learning_rate: ScalarOrSchedule, weight_decay: Scalar
+) -> GradientTransformation:
+    r"""Keras' decoupled decay ``θ ← θ - θ·wd·lr`` and then the step ``θ ← θ - lr·u``, each rounded.
+
+    Keras' base optimizer assigns ``θ - θ·wd·lr`` (``_apply_weight_decay``,
+    ``lr`` of the current iteration, both cast to θ's dtype) and the Adam
+    ``update_step`` then assigns ``θ - lr_t·m/(sqrt(v)+eps)``: two roundings of
+    θ. This takes the Adam direction ``u``, multiplies it by ``-lr`` as
+    :func:`~functional_adam.scale_by_learning_rate` does (same state), and
+    returns ``(round(θ - θ·wd·lr) - lr·u) - θ`` (see
+    :func:`~functional_adam.compat.staged.staged_update` for when
+    ``apply_updates`` then gives Keras' θ bit for bit).
+
+    Args:
+        learning_rate: non-negative rate or schedule ``count -> lr``.
+        weight_decay: non-negative decoupled decay rate.
+
+    Returns:
+        A ``GradientTransformation``; its ``update`` needs ``params``.
+
+    Example (zero direction: only the decay acts, 2 - 2·0.5·0.1):
+        >>> import jax.numpy as jnp
+        >>> tx = keras_learning_rate_and_decay(0.1, 0.5)
+        >>> params = jnp.array([2.0])
+        >>> updates, _ = tx.update(jnp.zeros(1), tx.init(params), params)
+        >>> round(float(updates[0]), 6)
+        -0.1
+    """
+    scale_lr = scale_by_learning_rate(learning_rate)
+
+    def update(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError(
+                "keras_learning_rate_and_decay needs params: update(u, state, params)."
+            )
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        updates, state = scale_lr.update(updates, state)
+
+        def decay(p):
+            return p - p * jnp.asarray(weight_decay, p.dtype) * jnp.asarray(lr, p.dtype)
+
+        return staged_update(updates, params, decay), state
+
+    return GradientTransformation(scale_lr.init, update)
 
 
 def _keras_chain(
@@ -38,8 +80,10 @@ def _keras_chain(
     amsgrad = compat_args.check_bool("amsgrad", amsgrad)
     return chain(
         _adam_core(beta_1, beta_2, epsilon, amsgrad, KERAS),
-        _decay(weight_decay),
-        scale_by_learning_rate(learning_rate),
+        identity(),  # the slot of the decay: the state keeps its structure
+        scale_by_learning_rate(learning_rate)
+        if weight_decay is None or compat_args.is_zero(weight_decay)
+        else keras_learning_rate_and_decay(learning_rate, weight_decay),
     )
 
 

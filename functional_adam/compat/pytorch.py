@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from functional_adam.compat import args as compat_args
 from functional_adam.compat.conventions import PYTORCH, Convention
+from functional_adam.compat.staged import staged_update
 from functional_adam.core import checks
 from functional_adam.core.base import (
     EmptyState,
@@ -18,7 +19,7 @@ from functional_adam.core.base import (
     chain,
     identity,
 )
-from functional_adam.core.numerics import compute_dtype, safe_increment, zero_count
+from functional_adam.core.numerics import safe_increment, zero_count
 from functional_adam.optimizers.adam import scale_by_adam, scale_by_amsgrad
 from functional_adam.transforms.learning_rate import scale, scale_by_learning_rate
 from functional_adam.transforms.weight_decay import WeightDecaySchedule, add_decayed_weights
@@ -41,16 +42,15 @@ def negate() -> GradientTransformation:
 def torch_decoupled_weight_decay(
     lr: ScalarOrSchedule, weight_decay: Scalar
 ) -> GradientTransformation:
-    r"""Adds ``θ·(1 - lr·wd) - θ`` to the updates: PyTorch's AdamW decay, rounded as PyTorch does.
+    r"""PyTorch's AdamW decay ``θ ← θ·(1 - lr·wd)``, then the step, each rounded as PyTorch does.
 
-    PyTorch's AdamW first scales the parameters in place, ``θ ← θ·c`` with
-    ``c = 1 - lr·wd`` rounded to the parameters' float32. Over many steps that
-    rounding moves ``θ`` by up to ``steps · 2^-25`` relative (1.5e-5 after 500
-    steps at ``lr·wd = 1e-4``), more than the rest of the float32 noise, so this
-    transformation keeps the factor and forms ``θ·c - θ`` (exact in floating
-    point for ``lr·wd <= 1/2``) instead of ``-lr·wd·θ``. Place it *after* ``scale_by_learning_rate``.
-    ``c`` is formed in Python's float64 for a constant ``lr``, as in PyTorch,
-    and in the compute dtype for a schedule or traced ``lr``.
+    Place it *after* ``scale_by_learning_rate``: it takes the step
+    ``u = -lr·direction`` and returns ``(θ·c + u) - θ`` with ``c = 1 - lr·wd``,
+    where ``θ·c`` is rounded to θ's dtype first, as PyTorch's in-place
+    ``param.mul_(c)`` before ``param.addcdiv_(...)`` (see :func:`staged_update`
+    for when ``apply_updates`` then gives PyTorch's θ bit for bit). ``c`` is
+    formed in Python's float64 for a constant ``lr``, as in PyTorch, and in the
+    compute dtype for a schedule or traced ``lr``.
 
     Args:
         lr: the learning rate or schedule ``count -> lr`` (``count`` 0 at the first update).
@@ -86,12 +86,7 @@ def torch_decoupled_weight_decay(
             state = WeightDecaySchedule(safe_increment(state.count))
         else:
             factor = fixed if fixed is not None else 1 - lr * weight_decay
-
-        def decay(u, p):
-            p = p.astype(compute_dtype(p.dtype))
-            return u + (p * jnp.asarray(factor, p.dtype) - p).astype(u.dtype)
-
-        return jax.tree.map(decay, updates, params), state
+        return staged_update(updates, params, lambda p: p * jnp.asarray(factor, p.dtype)), state
 
     return GradientTransformation(init, update)
 

@@ -13,7 +13,22 @@ order) and keep torch's shapes (a ``Linear`` weight is ``(out, in)``).
 (the maximum over the raw second moment: the PyTorch convention), and
 ``step ↔ count``. PyTorch keeps a step per parameter; here there is one count,
 so the steps must agree. Complex parameters are refused: PyTorch's complex
-Adam keeps separate second moments for the real and imaginary parts.
+Adam keeps separate second moments for the real and imaginary parts, and so
+are 8-bit (block-quantized) and flat moments, which hold no float array per
+parameter.
+
+**Keys.** The state's keys are matched to the ids of ``param_groups`` as
+strings too, so a state that went through JSON (keys ``"0"``, ``"1"``, ...)
+reads as before; a key that matches no id is refused, never dropped.
+
+**Step.** PyTorch stores ``step`` as a float tensor: float32 (float64 when
+torch's default dtype is float64; always float32 for ``fused`` or
+``capturable`` groups), and :func:`to_torch_state` writes it the same way.
+A float32 step is exact up to ``2**24``; above, a count is written rounded to
+float32 (PyTorch's own float32 step stops growing at ``2**24``), and a step of
+``2**31 - 1`` or more reads back as the saturated count ``2**31 - 1`` (a
+saturated count is written as ``2**31``). At such counts ``1 - b^t`` is 1 in
+float32 for the usual betas, so the trajectory does not change.
 
 The module does not import torch until :func:`to_torch_state` is called;
 :func:`from_torch_state` reads anything ``numpy.asarray`` can (tensors too).
@@ -22,6 +37,7 @@ The module does not import torch until :func:`to_torch_state` is called;
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +47,8 @@ import numpy as np
 
 from functional_adam.core.base import GradientTransformation, OptState, Params
 from functional_adam.optimizers.adam import scale_by_adam, scale_by_amsgrad
+from functional_adam.optimizers.adam_8bit import ScaleByAdam8bitState
+from functional_adam.storage.flat import FlatState
 
 _ADAM_FIELDS = (("count", "mu", "nu"), ("count", "mu", "nu", "nu_max"))
 _TORCH_KEYS = {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"}
@@ -45,14 +63,31 @@ def _is_counter_state(x: Any) -> bool:
 
 
 def _find_adam_state(state: OptState) -> Any:
-    """The one ``(count, mu, nu[, nu_max])`` NamedTuple inside ``state`` (or ``state`` itself)."""
+    """The one ``(count, mu, nu[, nu_max])`` NamedTuple inside ``state`` (or ``state`` itself).
+
+    Raises:
+        ValueError: when there is not exactly one, or when its moments are not one
+            float array per parameter (8-bit or flat moments).
+    """
     found = [x for x in jax.tree.leaves(state, is_leaf=_is_adam_state) if _is_adam_state(x)]
     if len(found) != 1:
         raise ValueError(
             f"expected exactly one Adam state (a NamedTuple with fields count, mu, nu[, nu_max]) "
             f"in the optimizer state, found {len(found)}."
         )
+    flat = [x for x in jax.tree.leaves(state, is_leaf=_is_flat) if _is_flat(x)]
+    for what, refused in [("8-bit", isinstance(found[0], ScaleByAdam8bitState)), ("flat", flat)]:
+        if refused:
+            raise ValueError(
+                f"{what} moments cannot be mapped to PyTorch's exp_avg/exp_avg_sq, which are one "
+                "float tensor per parameter: convert to or from the state of compat.torch_adam "
+                "or compat.torch_adamw (or fa.adam without flat=True)."
+            )
     return found[0]
+
+
+def _is_flat(x: Any) -> bool:
+    return isinstance(x, FlatState)
 
 
 def _named_leaves(params: Params) -> list[tuple[str, Any]]:
@@ -118,6 +153,28 @@ def _torch_amsgrad(groups: Sequence[Mapping], entries: list[Mapping | None]) -> 
     return any(e is not None and "max_exp_avg_sq" in e for e in entries)
 
 
+def _entries(torch_state: Any, ids: list[Any]) -> list[Mapping | None]:
+    """The state entry of each id (``None`` if not stepped); keys match ids as strings too."""
+    if not isinstance(torch_state, Mapping):
+        raise TypeError(
+            "optimizer_state_dict['state'] must be a dict {parameter id: {'step', 'exp_avg', "
+            f"...}} as optimizer.state_dict() gives it, got {type(torch_state).__name__}."
+        )
+    by_name = {}
+    for key in torch_state:
+        if str(key) in by_name:
+            raise ValueError(f"the torch state has both {by_name[str(key)]!r} and {key!r} as keys.")
+        by_name[str(key)] = key
+    unmatched = set(by_name) - {str(i) for i in ids}
+    if unmatched:
+        keys = sorted((by_name[k] for k in unmatched), key=str)
+        raise ValueError(
+            f"the torch state has entries for {keys} that are not parameter ids of "
+            f"param_groups ({ids}); was the state_dict edited or taken from another optimizer?"
+        )
+    return [torch_state[by_name[str(i)]] or None if str(i) in by_name else None for i in ids]
+
+
 def _common_step(entries: list[Mapping | None], named: list[tuple[str, Any]]) -> int:
     steps = {}
     for i, ((name, _), entry) in enumerate(zip(named, entries, strict=True)):
@@ -126,16 +183,18 @@ def _common_step(entries: list[Mapping | None], named: list[tuple[str, Any]]) ->
                 f"the torch state of parameter {i} ({name}) has no 'step' while other "
                 "parameters have one: every parameter must have been stepped equally often."
             )
-        steps[name] = float(_to_numpy(entry["step"]))
+        step = float(_to_numpy(entry["step"]))
+        if not math.isfinite(step) or step < 0 or step != int(step):
+            raise ValueError(
+                f"torch step {step} of parameter {i} ({name}) is not a count (a whole number >= 0)."
+            )
+        steps[name] = step
     if len(set(steps.values())) > 1:
         raise ValueError(
             f"the torch parameters were stepped unequally often ({steps}); functional_adam "
             "keeps one step count for the tree."
         )
-    step = next(iter(steps.values()))
-    if step != int(step) or not 0 <= step < 2**31:
-        raise ValueError(f"torch step {step} is not a count in [0, 2**31).")
-    return int(step)
+    return int(min(next(iter(steps.values())), 2**31 - 1))  # the int32 count saturates
 
 
 def from_torch_state(
@@ -164,7 +223,9 @@ def from_torch_state(
 
     Raises:
         ValueError: naming the parameter (index and path) whose shape, keys or step
-            do not match, or when the numbers of parameters differ.
+            do not match, the state keys that match no parameter id, or when the
+            numbers of parameters differ, or ``tx`` has 8-bit or flat moments.
+        TypeError: when ``optimizer_state_dict["state"]`` is not a dict.
 
     Example:
         >>> import numpy as np, jax.numpy as jnp
@@ -184,7 +245,7 @@ def from_torch_state(
     named = _named_leaves(params)
     groups = optimizer_state_dict["param_groups"]
     ids = _torch_ids(groups, len(named))
-    entries = [optimizer_state_dict["state"].get(i) or None for i in ids]
+    entries = _entries(optimizer_state_dict["state"], ids)
     amsgrad = _torch_amsgrad(groups, entries)
     full = (tx or (scale_by_amsgrad() if amsgrad else scale_by_adam())).init(params)
     template = _find_adam_state(full)
@@ -293,10 +354,14 @@ def to_torch_state(
     import torch
 
     step = int(adam_state.count)
+    groups = {i: g for g in param_groups for i in g["params"]}
     torch_state = {}
     if step > 0:
         for j, i in enumerate(ids):
-            entry = {"step": torch.tensor(float(step), dtype=torch.float32)}
+            fused = groups[i].get("fused") or groups[i].get("capturable")
+            wide = torch.get_default_dtype() == torch.float64 and not fused
+            dtype = torch.float64 if wide else torch.float32  # as torch.optim.Adam writes it
+            entry = {"step": torch.tensor(float(step), dtype=dtype)}
             for field in adam_state._fields[1:]:
                 entry[_TORCH_KEYS[field]] = _to_tensor(leaves[field][j])
             torch_state[i] = entry

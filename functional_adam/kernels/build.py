@@ -1,4 +1,4 @@
-"""The compiled CPU kernel behind the fused Adam step: build, load and call.
+"""The compiled CPU kernel behind the fused Adam step: build, verify and load.
 
 XLA:CPU compiles an Adam step into three loops per leaf (new m, new v, and the
 direction fused with the parameter update: 40 bytes per float32 parameter
@@ -9,20 +9,26 @@ XLA's intra-op thread pool, as ``torch.optim.Adam(fused=True)`` does.
 It is compiled on first use (about 3 s) with the machine's C++ compiler
 (``$CXX`` or ``c++``) against the XLA FFI headers that ship with jaxlib, and
 cached in ``$FUNCTIONAL_ADAM_CACHE`` (default ``~/.cache/functional_adam``; if
-that cannot be written, a folder in the temporary directory). Where the build
-fails (no compiler, say) :func:`available` is ``False``, one warning says why,
+that cannot be written, ``$TMPDIR/functional_adam-<uid>``). A cache folder is
+created private (mode 0o700, whatever the umask); a folder or library that is a
+symbolic link, belongs to another user, or can be written by group or others is
+refused, never loaded. A cached library that will not load, or lacks the
+kernel's symbols, is deleted and built again once. Where that all fails (no
+compiler, say) :func:`available` is ``False``, one ``RuntimeWarning`` says why,
 and :func:`functional_adam.update_and_apply` takes the XLA path.
 ``FUNCTIONAL_ADAM_NATIVE=0`` switches the kernel off.
 """
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import functools
 import hashlib
 import os
 import platform
 import shlex
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -53,30 +59,83 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("FUNCTIONAL_ADAM_CACHE", default))
 
 
-def build(cache_dir: Path | None = None) -> Path:
-    """Compiles the kernel (once per source, compiler, flags, jaxlib and CPU); returns its path.
+def _compiler() -> list[str]:
+    """``$CXX`` (default ``c++``) split as a shell would; a ``RuntimeError`` if it cannot be."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        compiler = shlex.split(cxx)
+    except ValueError as error:
+        raise RuntimeError(f"CXX={cxx!r} cannot be split into a command: {error}") from error
+    if not compiler:
+        raise RuntimeError(f"CXX={cxx!r} names no compiler")
+    return compiler
 
-    Raises:
-        RuntimeError: naming the compiler command and its error output.
-    """
-    compiler = shlex.split(os.environ.get("CXX", "c++"))
+
+def library_name(compiler: list[str] | None = None) -> str:
+    """The cached library's file name: a hash of source, compiler, flags, jaxlib and CPU."""
+    compiler = _compiler() if compiler is None else compiler
     headers = f"{jax.ffi.include_dir()} jaxlib {jaxlib.__version__}"
     key = "\n".join([SOURCE.read_text(), " ".join(compiler), *FLAGS, headers, _cpu_flags()])
-    name = f"adam_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-    cache_dir = cache_dir or _cache_dir()
-    if (cache_dir / name).exists():
-        return cache_dir / name
+    return f"adam_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def unsafe_reason(path: Path) -> str | None:
+    """Why ``path`` may not be trusted (``None`` if it may): a link, another user's, or writable.
+
+    Only the last component is checked; the folders above it are the user's choice.
+    """
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link"
+    uid = getattr(os, "getuid", None)
+    if uid is not None and info.st_uid != uid():
+        return f"belongs to uid {info.st_uid}, not to this user (uid {uid()})"
+    if uid is not None and info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"can be written by group or others (mode {stat.S_IMODE(info.st_mode):#o})"
+    return None
+
+
+def _refuse_unless_safe(path: Path, what: str) -> None:
+    reason = unsafe_reason(path)
+    if reason is not None:
+        raise RuntimeError(
+            f"refusing the kernel {what} {path}: it {reason}. Remove it (or set "
+            f"FUNCTIONAL_ADAM_CACHE to a folder of your own) and it is built again."
+        )
+
+
+def _private_dir(path: Path) -> Path:
+    """``path`` as a folder of this user's, created with mode 0o700 if missing.
+
+    Raises:
+        OSError: the folder cannot be created or written (the caller falls back).
+        RuntimeError: it exists but may not be trusted (:func:`unsafe_reason`).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryDirectory(dir=cache_dir).cleanup()  # writable?
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)  # mkdir's mode is masked by the umask; chmod's is not
+    except FileExistsError:
+        pass
+    if not path.is_symlink() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a folder")
+    _refuse_unless_safe(path, "cache folder")
+    tempfile.TemporaryDirectory(dir=path).cleanup()  # writable?
+    return path
+
+
+def _usable_cache_dir(cache_dir: Path) -> Path:
+    """``cache_dir``, or where it cannot be written, ``$TMPDIR/functional_adam-<uid>``."""
+    try:
+        return _private_dir(cache_dir)
     except OSError:  # a read-only home: build in the temporary directory instead
         user = getattr(os, "getuid", lambda: "user")()  # one folder per user (POSIX)
-        cache_dir = Path(tempfile.gettempdir()) / f"functional_adam-{user}"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    library = cache_dir / name
-    if library.exists():
-        return library
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        return _private_dir(Path(tempfile.gettempdir()) / f"functional_adam-{user}")
+
+
+def _compile(compiler: list[str], library: Path) -> None:
+    """Compiles the kernel into ``library`` (atomically, mode 0o700)."""
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         partial = Path(tmp) / library.name
         command = [*compiler, *FLAGS, "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
         command += [str(SOURCE), "-o", str(partial)]
@@ -86,24 +145,78 @@ def build(cache_dir: Path | None = None) -> Path:
             raise RuntimeError(f"`{shlex.join(command)}` could not run: {error}") from error
         if result.returncode != 0:
             raise RuntimeError(f"`{shlex.join(command)}` failed:\n{result.stderr[-2000:]}")
+        os.chmod(partial, 0o700)  # the compiler's mode follows the umask (0o777 under 000)
         os.replace(partial, library)  # atomic: a concurrent build leaves one whole file
+
+
+def build(cache_dir: Path | None = None) -> Path:
+    """Compiles the kernel (once per source, compiler, flags, jaxlib and CPU); returns its path.
+
+    A cached library is returned only once :func:`unsafe_reason` finds nothing
+    wrong with it and with its folder.
+
+    Raises:
+        RuntimeError: naming the compiler command and its error output, or the
+            folder or library refused and why.
+    """
+    compiler = _compiler()
+    cache_dir = _usable_cache_dir(cache_dir or _cache_dir())
+    library = cache_dir / library_name(compiler)
+    if os.path.lexists(library):
+        _refuse_unless_safe(library, "library")
+        return library
+    _compile(compiler, library)
     return library
+
+
+def _register(library: Path) -> None:
+    """Loads ``library`` and registers its targets with XLA; unloads it if a symbol is missing."""
+    handle = ctypes.CDLL(str(library))
+    try:
+        handlers = {dtype: getattr(handle, symbol) for dtype, symbol in _SYMBOLS.items()}
+    except AttributeError:
+        _unload(handle)  # or loading the rebuilt file at this path returns this handle again
+        raise
+    for dtype, handler in handlers.items():
+        jax.ffi.register_ffi_target(TARGETS[dtype], jax.ffi.pycapsule(handler), platform="cpu")
+
+
+def _unload(handle: ctypes.CDLL) -> None:
+    """Unloads ``handle`` (POSIX ``dlclose``; where there is none, nothing)."""
+    dlclose = getattr(_ctypes, "dlclose", None)
+    if dlclose is not None:
+        dlclose(handle._handle)
+
+
+def load() -> None:
+    """Builds (or finds), loads and registers the kernel; rebuilds once a library that will not load.
+
+    Raises:
+        Exception: whatever kept the kernel from loading (:func:`available` catches it).
+    """
+    library = build()
+    try:
+        _register(library)
+    except (OSError, AttributeError):  # truncated, empty or foreign: build it again, once
+        library.unlink(missing_ok=True)
+        _register(build())
 
 
 @functools.cache
 def available() -> bool:
-    """Whether the CPU kernel is built, loaded and registered with XLA (tried once)."""
+    """Whether the CPU kernel is built, loaded and registered with XLA (tried once per process).
+
+    Any failure gives ``False`` and one ``RuntimeWarning`` naming its cause.
+    """
     if os.environ.get("FUNCTIONAL_ADAM_NATIVE", "1") == "0":
         return False
     try:
-        library = ctypes.cdll.LoadLibrary(str(build()))
-        for dtype, target in TARGETS.items():
-            handler = jax.ffi.pycapsule(getattr(library, _SYMBOLS[dtype]))
-            jax.ffi.register_ffi_target(target, handler, platform="cpu")
-    except (OSError, RuntimeError) as error:
+        load()
+    except Exception as error:  # a kernel that fails must never stop a step
         warnings.warn(
             f"functional_adam: the fused CPU Adam kernel is unavailable, so update_and_apply "
-            f"uses the XLA path ({error}). Set FUNCTIONAL_ADAM_NATIVE=0 to silence this.",
+            f"uses the XLA path ({type(error).__name__}: {error}). "
+            f"Set FUNCTIONAL_ADAM_NATIVE=0 to silence this.",
             RuntimeWarning,
             stacklevel=2,
         )

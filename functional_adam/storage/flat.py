@@ -26,10 +26,13 @@ handed to the new ``params`` and XLA needs a temporary copy of the state.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from functional_adam.core import checks
 from functional_adam.core.base import (
@@ -38,6 +41,7 @@ from functional_adam.core.base import (
     Params,
     Updates,
 )
+from functional_adam.storage import flax_serialization
 
 
 class LeafSpec(NamedTuple):
@@ -72,6 +76,51 @@ class Layout(tuple):
         return not self == other
 
 
+@functools.lru_cache(maxsize=256)
+def _fingerprint(layout: tuple[LeafSpec, ...]) -> np.ndarray:
+    hashes = [
+        hashlib.blake2b(f"{s.path}|{s.shape}|{s.dtype}".encode(), digest_size=4).digest()
+        for s in layout
+    ]
+    array = np.array([int.from_bytes(h, "little") for h in hashes], np.uint32)
+    array.setflags(write=False)
+    return array
+
+
+def layout_fingerprint(layout: tuple[LeafSpec, ...]) -> jax.Array:
+    """One uint32 per leaf: a hash of its path, shape and dtype (or buffer key), for checkpoints.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> layout_fingerprint(_layout({"a": jnp.ones(2), "b": jnp.ones(3)})).shape
+        (2,)
+    """
+    return jnp.asarray(_fingerprint(layout))
+
+
+def fingerprint_difference(layout: tuple[LeafSpec, ...], saved: Any) -> str | None:
+    """The first leaf of ``layout`` that the ``saved`` fingerprint does not describe, in words.
+
+    ``None`` when ``saved`` is :func:`layout_fingerprint` of ``layout``.
+    """
+    expected, saved = _fingerprint(layout), np.asarray(saved)
+    if saved.shape == expected.shape and np.array_equal(saved, expected):
+        return None
+    if saved.ndim != 1:
+        return f"the saved fingerprint has shape {saved.shape}, not one entry per leaf"
+    words = []
+    if len(saved) != len(expected):
+        words.append(f"the saved fingerprint has {len(saved)} leaves but the layout {len(layout)}")
+    for spec, mine, theirs in zip(layout, expected, saved, strict=False):
+        if mine != theirs:
+            words.append(
+                f"leaf {spec.path} ({spec.dtype}{list(spec.shape)}) is not the leaf saved in "
+                "its place (its path, shape or dtype differ)"
+            )
+            break
+    return "; ".join(words)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class FlatState:
@@ -79,11 +128,53 @@ class FlatState:
 
     ``layout`` is static pytree metadata (it is part of the tree structure seen
     by ``jax.jit``, not an array), so the state checkpoints and shards like any
-    pytree of arrays.
+    pytree of arrays. A checkpoint saves only arrays, so ``fingerprint``
+    (:func:`layout_fingerprint`: one uint32 per leaf) travels with the buffers:
+    restored into a state of another layout, even one whose buffers have the
+    same sizes, it no longer matches, and :func:`functional_adam.check_layout`
+    (or an update outside ``jax.jit``) raises ``ValueError`` naming the first
+    leaf that differs.
     """
 
     inner_state: OptState
     layout: tuple[LeafSpec, ...] = dataclasses.field(metadata={"static": True})
+    fingerprint: jax.Array
+
+    @classmethod
+    def of(cls, inner_state: OptState, layout: tuple[LeafSpec, ...]) -> FlatState:
+        """The state for ``layout``, with its fingerprint."""
+        return cls(inner_state, layout, layout_fingerprint(layout))
+
+    def check(self, who: str = "flatten") -> None:
+        """Raises ``ValueError`` if the fingerprint is not the layout's (concrete arrays only)."""
+        if isinstance(self.fingerprint, jax.core.Tracer | jax.ShapeDtypeStruct):
+            return
+        difference = fingerprint_difference(self.layout, self.fingerprint)
+        if difference is not None:
+            raise ValueError(
+                f"{who}: the flat state was saved for another layout: {difference}. Restore it "
+                "into a state initialised for the tree it was saved with."
+            )
+
+
+def _to_state_dict(serialization, state: FlatState) -> dict:
+    return {
+        "inner_state": serialization.to_state_dict(state.inner_state),
+        "fingerprint": np.asarray(state.fingerprint),
+    }
+
+
+def _from_state_dict(serialization, target: FlatState, data: dict) -> FlatState:
+    restored = FlatState(
+        serialization.from_state_dict(target.inner_state, data["inner_state"]),
+        target.layout,
+        data["fingerprint"],
+    )
+    restored.check("flax.serialization")
+    return restored
+
+
+flax_serialization.register(FlatState, _to_state_dict, _from_state_dict)
 
 
 def _layout(tree: Any) -> tuple[LeafSpec, ...]:
@@ -224,9 +315,10 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
         check_same_device(
             [(jax.tree_util.keystr(p), jnp.dtype(x.dtype).name, x) for p, x in entries], "flatten"
         )
-        return FlatState(inner.init(flatten_tree(params)), _layout(params))
+        return FlatState.of(inner.init(flatten_tree(params)), _layout(params))
 
     def update(updates: Updates, state: FlatState, params: Params | None = None, **extra_args):
+        state.check()
         _check_layout(state.layout, _layout(updates), "updates")
         flat_params = None
         if params is not None:
@@ -241,6 +333,8 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
             **extra_args,
         )
         flat_updates = jax.lax.optimization_barrier(flat_updates)
-        return unflatten_tree(flat_updates, updates), FlatState(inner_state, state.layout)
+        return unflatten_tree(flat_updates, updates), dataclasses.replace(
+            state, inner_state=inner_state
+        )
 
     return GradientTransformation(init, update)

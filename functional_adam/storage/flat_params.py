@@ -36,8 +36,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from functional_adam.storage.flat import Layout, LeafSpec, check_same_device
+from functional_adam.storage import flax_serialization
+from functional_adam.storage.flat import (
+    FlatState,
+    Layout,
+    LeafSpec,
+    check_same_device,
+    fingerprint_difference,
+    layout_fingerprint,
+)
 
 Grouping = Callable[[tuple, jax.Array], str]
 
@@ -116,6 +125,18 @@ class FlatParams:
             leaves.append(piece.reshape(spec.shape))
         return self.treedef.unflatten(leaves)
 
+    def fingerprint(self) -> jax.Array:
+        """One uint32 per leaf (hash of path, shape, buffer): save it next to the buffers.
+
+        A ``FlatParams`` has no array leaf of its own besides its buffers (each
+        leaf is a parameter to the optimizer and to ``jax.grad``), so a
+        checkpoint holds only the buffers, and restoring them into a
+        ``FlatParams`` of another layout with the same buffer sizes would
+        succeed silently. Save ``{"params": flat, "layout": flat.fingerprint()}``
+        and after restoring call :func:`check_layout` ``(params, layout)``.
+        """
+        return layout_fingerprint(self.layout)
+
     def group_mask(self, *labels: str) -> FlatParams:
         """A mask for this structure: ``True`` for the buffers of the given group labels.
 
@@ -129,3 +150,70 @@ class FlatParams:
             )
         mask = {key: key.rpartition("/")[0] in labels for key in self.buffers}
         return dataclasses.replace(self, buffers=mask)
+
+
+def _to_state_dict(serialization, flat: FlatParams) -> dict:
+    return {
+        "buffers": serialization.to_state_dict(flat.buffers),
+        "fingerprint": np.asarray(flat.fingerprint()),
+    }
+
+
+def _from_state_dict(serialization, target: FlatParams, data: dict) -> FlatParams:
+    _raise_if_different(target.layout, data["fingerprint"], "flax.serialization")
+    buffers = serialization.from_state_dict(target.buffers, data["buffers"])
+    return dataclasses.replace(target, buffers=buffers)
+
+
+flax_serialization.register(FlatParams, _to_state_dict, _from_state_dict)
+
+
+def _raise_if_different(layout: tuple[LeafSpec, ...], saved: Any, who: str) -> None:
+    difference = fingerprint_difference(layout, saved)
+    if difference is not None:
+        raise ValueError(
+            f"{who}: the flat buffers were saved for another layout: {difference}. Restore "
+            "them into FlatParams (or a state) made for the tree they were saved with."
+        )
+
+
+def check_layout(tree: Any, fingerprint: Any = None) -> None:
+    """Checks that restored flat buffers are cut as they were when they were saved.
+
+    Each :class:`~functional_adam.FlatState` in ``tree`` (the state of
+    ``flat=True`` optimizers) is checked against the fingerprint it carries;
+    each :class:`FlatParams` (parameters, or moments over them) against
+    ``fingerprint``, the :meth:`FlatParams.fingerprint` saved next to it. Call
+    it after restoring a checkpoint: a checkpoint holds arrays only, and
+    buffers of the same sizes restore into another layout without complaint.
+    (An update outside ``jax.jit`` checks its FlatState by itself.)
+
+    Args:
+        tree: a restored pytree (parameters, optimizer state, or both).
+        fingerprint: the saved :meth:`FlatParams.fingerprint`; needed if ``tree``
+            holds a ``FlatParams``.
+
+    Raises:
+        ValueError: naming the first leaf whose path, shape or dtype differ, or when
+            ``tree`` holds a ``FlatParams`` and no ``fingerprint`` is given.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import functional_adam as fa
+        >>> saved = fa.FlatParams.of({"a": jnp.ones(2), "b": jnp.ones(3)}).fingerprint()
+        >>> fa.check_layout(fa.FlatParams.of({"a": jnp.ones(3), "b": jnp.ones(2)}), saved)
+        Traceback (most recent call last):
+        ...
+        ValueError: check_layout: the flat buffers were saved for another layout: leaf ['a'] (float32[3]) is not the leaf saved in its place (its path, shape or dtype differ). Restore them into FlatParams (or a state) made for the tree they were saved with.
+    """
+    nodes = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, FlatState | FlatParams))
+    for node in nodes:
+        if isinstance(node, FlatState):
+            node.check("check_layout")
+        elif isinstance(node, FlatParams):
+            if fingerprint is None:
+                raise ValueError(
+                    "check_layout: a FlatParams carries no fingerprint of its own; pass the "
+                    "one saved next to it: check_layout(tree, saved_flat_params.fingerprint())."
+                )
+            _raise_if_different(node.layout, fingerprint, "check_layout")
