@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from functional_adam.core.layout import layout_difference
+
 _NOT_CONCRETE = (
     jax.errors.ConcretizationTypeError,
     jax.errors.TracerArrayConversionError,
@@ -237,8 +239,6 @@ def check_same_structure(
         detail = f"{longer[min(len(mine), len(theirs))][0]} is only in {owner}"
     layouts = getattr(updates, "layout", None), getattr(reference, "layout", None)
     if detail is None and None not in layouts:  # FlatParams: the leaves behind the buffers
-        from functional_adam.storage.flat import layout_difference
-
         detail = layout_difference(layouts[1], layouts[0])
     if detail is None:
         detail = (

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from functional_adam.core import checks
 from functional_adam.core.base import GradientTransformation, Params, Updates
-from functional_adam.core.numerics import moment_dtype, safe_increment, store, zero_count
+from functional_adam.core.numerics import cast, moment_dtype, safe_increment, store, zero_count
 
 
 class Moment(NamedTuple):
@@ -94,7 +94,7 @@ class PlainStorage(NamedTuple):
 
     def step(self, step: LeafStep, g: jax.Array, stored: tuple, scalars: Any) -> tuple:
         u, moments = step(g, stored, scalars)
-        return u.astype(g.dtype), tuple(map(store, moments, stored))
+        return cast(u, g.dtype), tuple(map(store, moments, stored))
 
     def is_leaf(self, x: Any) -> bool:
         del x

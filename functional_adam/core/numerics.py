@@ -43,18 +43,6 @@ def saturate(square: jax.Array, storage_dtype: Any) -> jax.Array:
     return jnp.minimum(square, jnp.asarray(cap, square.dtype))
 
 
-def saturating_cast(second_moment: jax.Array, like: jax.Array) -> jax.Array:
-    """A non-negative second moment cast to ``like``'s dtype, capped at its largest finite value.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> saturating_cast(jnp.array([1.0, jnp.inf]), jnp.zeros(2, jnp.float16))
-        Array([1.00e+00, 6.55e+04], dtype=float16)
-    """
-    top = jnp.asarray(jnp.finfo(like.dtype).max, second_moment.dtype)
-    return jnp.minimum(second_moment, top).astype(like.dtype)
-
-
 def store(value: jax.Array, like: jax.Array) -> jax.Array:
     """A moment computed in ``value``'s dtype, stored in ``like``'s.
 
@@ -71,6 +59,22 @@ def store(value: jax.Array, like: jax.Array) -> jax.Array:
         top = jnp.asarray(jnp.finfo(like.dtype).max, value.dtype)
         return jnp.clip(value, -top, top).astype(like.dtype)
     return value.astype(like.dtype)
+
+
+def cast(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x`` in ``dtype``, taking the real part when a complex ``x`` goes to a real dtype.
+
+    (A complex first moment of a real parameter, ``mu_dtype=complex64``, keeps a zero
+    imaginary part; its update is real.)
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> cast(jnp.array([1.5 + 0j]), jnp.float32)
+        Array([1.5], dtype=float32)
+    """
+    if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        x = jnp.real(x)
+    return x.astype(dtype)
 
 
 def zero_count() -> jax.Array:
@@ -133,18 +137,3 @@ def moment_dtype(param_dtype: Any, requested: jnp.dtype | None, *, squared: bool
     if complex_param and not squared:
         return jnp.result_type(base, jnp.complex64)
     return jnp.dtype(base)
-
-
-def zeros_like_moment(params: Any, requested: jnp.dtype | None, *, squared: bool) -> Any:
-    """Zeros shaped like each parameter (arrays or ``jax.ShapeDtypeStruct``), ``None`` kept.
-
-    Example:
-        >>> import jax
-        >>> zeros_like_moment({"w": jax.ShapeDtypeStruct((2,), jnp.bfloat16)}, None, squared=True)
-        {'w': Array([0, 0], dtype=bfloat16)}
-    """
-
-    return jax.tree.map(
-        lambda p: jnp.zeros_like(p, dtype=moment_dtype(p.dtype, requested, squared=squared)),
-        params,
-    )

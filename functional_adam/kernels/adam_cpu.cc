@@ -61,8 +61,7 @@ void StepRange(const T* s, const Leaf<T>& x, int64_t lo, int64_t hi) {
   const T inv_bc1_next = s[kInvBc1Next], neg_lr = s[kNegLr], wd = s[kWd];
   // Blocks of kBlock elements. Each block first asks for the cache lines kPrefetchAhead
   // elements on, into all cache levels, so that loads are in flight while the core
-  // divides and takes square roots (float32, 1e7 parameters, 2-core Xeon: 0.37-0.43 ns
-  // per parameter instead of 0.43-0.47 without; BENCHMARKS.md).
+  // divides and takes square roots (measured in BENCHMARKS.md, "Update step").
   constexpr int64_t line = 64 / sizeof(T);  // elements per 64-byte cache line
   for (int64_t b = lo; b < hi; b += kBlock) {
     if (b + kPrefetchAhead < hi) {

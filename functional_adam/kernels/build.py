@@ -6,7 +6,7 @@ instead of 28, BENCHMARKS.md) and launches them leaf by leaf. The C++ kernel in
 ``kernels/adam_cpu.cc`` makes one pass over all leaves together, in place, on
 XLA's intra-op thread pool, as ``torch.optim.Adam(fused=True)`` does.
 
-It is compiled on first use (about 3 s) with the machine's C++ compiler
+It is compiled on first use (a few seconds) with the machine's C++ compiler
 (``$CXX`` or ``c++``) against the XLA FFI headers that ship with jaxlib, and
 cached in ``$FUNCTIONAL_ADAM_CACHE`` (default ``~/.cache/functional_adam``; if
 that cannot be written, ``$TMPDIR/functional_adam-<uid>``). A cache folder is

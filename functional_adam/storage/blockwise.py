@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from functional_adam.core.lift import PLAIN, LeafStep, Moment
-from functional_adam.core.numerics import compute_dtype, moment_dtype
+from functional_adam.core.numerics import cast, compute_dtype, moment_dtype
 from functional_adam.storage.quantized import (
     BlockQuantized,
     check_block_size,
@@ -159,4 +159,4 @@ def _quantized_step(step, g, stored, scalars, squared):
         for q, sq in zip(stored, squared, strict=True)
     )
     u = step(g, moments, scalars)[0]
-    return u.astype(g.dtype), out
+    return cast(u, g.dtype), out

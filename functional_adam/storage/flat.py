@@ -26,9 +26,7 @@ handed to the new ``params`` and XLA needs a temporary copy of the state.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,84 +39,15 @@ from functional_adam.core.base import (
     Params,
     Updates,
 )
+from functional_adam.core.layout import (
+    LeafSpec,
+    check_same_device,
+    fingerprint_difference,
+    layout_difference,
+    layout_fingerprint,
+    tree_layout,
+)
 from functional_adam.storage import flax_serialization
-
-
-class LeafSpec(NamedTuple):
-    """Where one leaf lives in its dtype's buffer (static, hashable)."""
-
-    path: str
-    shape: tuple[int, ...]
-    dtype: str
-    offset: int
-
-
-class Layout(tuple):
-    """A tuple of :class:`LeafSpec` that hashes once.
-
-    A layout is static pytree metadata, so ``jax.jit`` hashes and compares it on
-    every call to find the compiled step; for 1,000 specs a plain tuple costs
-    about 23 µs each time (2-core Xeon), this one 0.2 µs.
-    """
-
-    def __new__(cls, specs=()):
-        layout = super().__new__(cls, specs)
-        layout._hash = tuple.__hash__(layout)
-        return layout
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return self is other or tuple.__eq__(self, other)
-
-    def __ne__(self, other: object) -> bool:
-        return not self == other
-
-
-@functools.lru_cache(maxsize=256)
-def _fingerprint(layout: tuple[LeafSpec, ...]) -> np.ndarray:
-    hashes = [
-        hashlib.blake2b(f"{s.path}|{s.shape}|{s.dtype}".encode(), digest_size=4).digest()
-        for s in layout
-    ]
-    array = np.array([int.from_bytes(h, "little") for h in hashes], np.uint32)
-    array.setflags(write=False)
-    return array
-
-
-def layout_fingerprint(layout: tuple[LeafSpec, ...]) -> jax.Array:
-    """One uint32 per leaf: a hash of its path, shape and dtype (or buffer key), for checkpoints.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> layout_fingerprint(_layout({"a": jnp.ones(2), "b": jnp.ones(3)})).shape
-        (2,)
-    """
-    return jnp.asarray(_fingerprint(layout))
-
-
-def fingerprint_difference(layout: tuple[LeafSpec, ...], saved: Any) -> str | None:
-    """The first leaf of ``layout`` that the ``saved`` fingerprint does not describe, in words.
-
-    ``None`` when ``saved`` is :func:`layout_fingerprint` of ``layout``.
-    """
-    expected, saved = _fingerprint(layout), np.asarray(saved)
-    if saved.shape == expected.shape and np.array_equal(saved, expected):
-        return None
-    if saved.ndim != 1:
-        return f"the saved fingerprint has shape {saved.shape}, not one entry per leaf"
-    words = []
-    if len(saved) != len(expected):
-        words.append(f"the saved fingerprint has {len(saved)} leaves but the layout {len(layout)}")
-    for spec, mine, theirs in zip(layout, expected, saved, strict=False):
-        if mine != theirs:
-            words.append(
-                f"leaf {spec.path} ({spec.dtype}{list(spec.shape)}) is not the leaf saved in "
-                "its place (its path, shape or dtype differ)"
-            )
-            break
-    return "; ".join(words)
 
 
 @jax.tree_util.register_dataclass
@@ -177,34 +106,6 @@ def _from_state_dict(serialization, target: FlatState, data: dict) -> FlatState:
 flax_serialization.register(FlatState, _to_state_dict, _from_state_dict)
 
 
-def _layout(tree: Any) -> tuple[LeafSpec, ...]:
-    """The static layout of ``tree``'s non-None leaves, grouped by dtype in order of appearance."""
-    offsets: dict[str, int] = {}
-    specs = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        dtype = jnp.dtype(leaf.dtype).name
-        size = int(jnp.size(leaf)) if not isinstance(leaf, jax.ShapeDtypeStruct) else leaf.size
-        specs.append(
-            LeafSpec(jax.tree_util.keystr(path), tuple(leaf.shape), dtype, offsets.get(dtype, 0))
-        )
-        offsets[dtype] = offsets.get(dtype, 0) + size
-    return Layout(specs)
-
-
-def layout_difference(expected: tuple[LeafSpec, ...], actual: tuple[LeafSpec, ...]) -> str | None:
-    """The first leaf where two layouts differ, in words; ``None`` if they are equal."""
-    if expected == actual:
-        return None
-    for old, new in zip(expected, actual, strict=False):
-        if old != new:
-            return (
-                f"leaf {new.path} is {new.dtype}{list(new.shape)} where init saw {old.path} "
-                f"as {old.dtype}{list(old.shape)}"
-            )
-    longer, which = (actual, "the new tree") if len(actual) > len(expected) else (expected, "init")
-    return f"leaf {longer[min(len(actual), len(expected))].path} is only in {which}"
-
-
 def _check_layout(expected: tuple[LeafSpec, ...], actual: tuple[LeafSpec, ...], what: str) -> None:
     difference = layout_difference(expected, actual)
     if difference is not None:
@@ -212,24 +113,6 @@ def _check_layout(expected: tuple[LeafSpec, ...], actual: tuple[LeafSpec, ...], 
             f"flatten: the {what} changed since init: {difference}. "
             "A flat state is tied to the tree it was made for; call init again."
         )
-
-
-def check_same_device(entries: list[tuple[str, str, Any]], who: str) -> None:
-    """Leaves sharing a buffer must share a placement (checked on concrete arrays only).
-
-    ``entries`` are ``(path, buffer key, leaf)``; ``who`` starts the error message.
-    """
-    first: dict[str, tuple[str, Any]] = {}
-    for path, key, leaf in entries:
-        sharding = getattr(leaf, "sharding", None) if isinstance(leaf, jax.Array) else None
-        if sharding is None or isinstance(leaf, jax.core.Tracer):
-            continue
-        name, seen = first.setdefault(key, (path, sharding))
-        if seen != sharding:
-            raise ValueError(
-                f"{who}: {path} is placed on {sharding} but {name} (same buffer) on {seen}; "
-                "put the parameters on one device (or one sharding) first, or do not flatten."
-            )
 
 
 def flatten_tree(tree: Any) -> dict[str, jax.Array]:
@@ -266,9 +149,9 @@ def unflatten_tree(flat: dict[str, jax.Array], like: Any) -> Any:
     """
     leaves, treedef = jax.tree.flatten(like)
     out = []
-    for spec, leaf in zip(_layout(like), leaves, strict=True):
+    for spec, leaf in zip(tree_layout(like), leaves, strict=True):
         size = int(jnp.size(leaf))
-        out.append(flat[spec.dtype][spec.offset : spec.offset + size].reshape(spec.shape))
+        out.append(flat[spec.buffer][spec.offset : spec.offset + size].reshape(spec.shape))
     return treedef.unflatten(out)
 
 
@@ -285,9 +168,9 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
     Masks belong outside (``chain(flatten(scale_by_adam()),
     add_decayed_weights(wd, mask), ...)``), where the tree is the user's.
 
-    Measured on XLA:CPU (BENCHMARKS.md): cutting the flat update back into
-    thousands of leaves compiles slowly (1,000 slices of one buffer: 9-30 s), so
-    there it only pays for many tiny leaves. To make the parameters flat as
+    On XLA:CPU cutting the flat update back into thousands of leaves compiles
+    slowly (BENCHMARKS.md, "Update step"), so there it only pays for many tiny
+    leaves. To make the parameters flat as
     well, and the step one pass, see :class:`functional_adam.FlatParams`.
 
     Args:
@@ -315,14 +198,14 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
         check_same_device(
             [(jax.tree_util.keystr(p), jnp.dtype(x.dtype).name, x) for p, x in entries], "flatten"
         )
-        return FlatState.of(inner.init(flatten_tree(params)), _layout(params))
+        return FlatState.of(inner.init(flatten_tree(params)), tree_layout(params))
 
     def update(updates: Updates, state: FlatState, params: Params | None = None, **extra_args):
         state.check()
-        _check_layout(state.layout, _layout(updates), "updates")
+        _check_layout(state.layout, tree_layout(updates), "updates")
         flat_params = None
         if params is not None:
-            _check_layout(state.layout, _layout(params), "params")
+            _check_layout(state.layout, tree_layout(params), "params")
             flat_params = flatten_tree(params)
         # The barriers keep XLA from fusing a many-operand concatenate (or the slices) into
         # the Adam loops, which would test every element against every leaf boundary.

@@ -22,9 +22,9 @@ groups differently, for example weight decay on matrices only::
     tx = fa.adamw(1e-3, mask=lambda f: f.group_mask("decay"))
 
 Cost: the model's forward pass slices the buffer into leaves, and on XLA:CPU
-cutting one buffer into thousands of slices compiles slowly (1,000 slices:
-9-12 s, BENCHMARKS.md); with tens of leaves the slices cost little (not
-measured on a GPU).
+cutting one buffer into thousands of slices compiles slowly (BENCHMARKS.md,
+"Update step"); with tens of leaves the slices cost little (not measured on a
+GPU).
 """
 
 from __future__ import annotations
@@ -38,15 +38,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from functional_adam.storage import flax_serialization
-from functional_adam.storage.flat import (
-    FlatState,
+from functional_adam.core.layout import (
     Layout,
     LeafSpec,
     check_same_device,
     fingerprint_difference,
     layout_fingerprint,
 )
+from functional_adam.storage import flax_serialization
+from functional_adam.storage.flat import FlatState
 
 Grouping = Callable[[tuple, jax.Array], str]
 
@@ -102,7 +102,6 @@ class FlatParams:
                 )
             dtype = jnp.dtype(leaf.dtype).name
             key = f"{label}/{dtype}" if label else dtype
-            # LeafSpec.dtype holds the buffer's key here (the dtype name, or "label/dtype").
             specs.append(
                 LeafSpec(jax.tree_util.keystr(path), tuple(leaf.shape), key, offsets.get(key, 0))
             )
@@ -121,7 +120,7 @@ class FlatParams:
         leaves = []
         for spec in self.layout:
             end = spec.offset + math.prod(spec.shape)
-            piece = jax.lax.slice(self.buffers[spec.dtype], (spec.offset,), (end,))
+            piece = jax.lax.slice(self.buffers[spec.buffer], (spec.offset,), (end,))
             leaves.append(piece.reshape(spec.shape))
         return self.treedef.unflatten(leaves)
 
