@@ -204,3 +204,87 @@ def test_split_is_by_file_deterministic_and_batches_depend_on_seed_and_step_only
     single.write_text("abcdefghij" * 100)
     c = D.load_corpus(str(single), val_fraction=0.1)
     assert (len(c.train), len(c.val)) == (900, 100) and "split by position" in c.source
+
+
+SHARDING_SCRIPT = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import functional_adam as fa
+    from examples.lm.sharding import init_sharded, state_shardings
+
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+
+    def params(dtype):
+        def place(shape, spec):
+            x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape) / 1e4
+            return jax.device_put(x.astype(dtype), NamedSharding(mesh, spec))
+        return {"w": place((128, 64), P(None, "fsdp")), "b": place((32,), P("fsdp")),
+                "big": place((8192,), P())}
+
+    def norm(spec):  # trailing None entries do not change a sharding
+        entries = list(spec)
+        while entries and entries[-1] is None:
+            entries.pop()
+        return str(P(*entries))
+
+    def specs(tree):
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(k): norm(getattr(v, "sharding", v).spec) for k, v in flat}
+
+    clip_adamw = fa.chain(optax.clip_by_global_norm(1.0), fa.adamw(1e-3))
+    out = {
+        "adamw": specs(state_shardings(clip_adamw, params(jnp.float32))),
+        "adamw_zero1": specs(state_shardings(clip_adamw, params(jnp.float32), zero1_axis="data")),
+        "8bit": specs(state_shardings(fa.adam_8bit(1e-3), params(jnp.float32))),
+        "8bit_zero1": specs(
+            state_shardings(fa.adam_8bit(1e-3), params(jnp.float32), zero1_axis="data")),
+        "master": specs(state_shardings(
+            fa.with_master_weights(fa.adam(1e-3)), params(jnp.bfloat16), zero1_axis="data")),
+    }
+    born = init_sharded(fa.adam_8bit(1e-3), params(jnp.float32), zero1_axis="data")
+    out["born"] = specs(born)
+    out["born_equal"] = jax.tree.all(jax.tree.map(
+        lambda x, y: bool(np.array_equal(x, y)), born, fa.adam_8bit(1e-3).init(params(jnp.float32))))
+    print(json.dumps(out))
+""")
+
+
+def test_state_shardings_follow_the_parameters_and_zero1_adds_the_data_axis():
+    proc = run_python("-c", SHARDING_SCRIPT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    adam = "[1][0]"  # fa.chain(clip, adamw): adamw's own chain, then ScaleByAdamState
+    assert r["adamw"][f"{adam}.count"] == "P()"
+    assert r["adamw"][f"{adam}.mu['w']"] == "P(None, 'fsdp')"
+    assert r["adamw"][f"{adam}.nu['b']"] == "P('fsdp',)"
+    assert r["adamw"][f"{adam}.mu['big']"] == "P()"
+    # ZeRO-1: the data axis on the first dimension it (with what is there) divides.
+    assert r["adamw_zero1"][f"{adam}.mu['w']"] == "P('data', 'fsdp')"
+    assert r["adamw_zero1"][f"{adam}.nu['b']"] == "P(('fsdp', 'data'),)"
+    assert r["adamw_zero1"][f"{adam}.mu['big']"] == "P('data',)"
+    assert r["adamw_zero1"][f"{adam}.count"] == "P()"
+    # 8-bit: 'w' (128·64 elements) is 32 blocks of 256, split over fsdp like the parameter
+    # (and fsdp·data with ZeRO-1); 'big' (32 blocks) is replicated like its parameter, over
+    # data with ZeRO-1; 'b' (32 elements, under min_8bit_size) keeps float32 moments.
+    assert r["8bit"]["[0].mu['w'].codes"] == "P('fsdp',)"
+    assert r["8bit"]["[0].mu['w'].scale"] == "P('fsdp',)"
+    assert r["8bit"]["[0].nu['big'].codes"] == "P()"
+    assert r["8bit"]["[0].mu['b']"] == "P('fsdp',)"
+    assert r["8bit_zero1"]["[0].mu['w'].codes"] == "P(('fsdp', 'data'),)"
+    assert r["8bit_zero1"]["[0].nu['big'].codes"] == "P('data',)"
+    # The float32 master copy of bfloat16 parameters is sharded like a moment.
+    assert r["master"][".master['w']"] == "P('data', 'fsdp')"
+    assert r["master"][".inner_state[0].mu['w']"] == "P('data', 'fsdp')"
+    # Born sharded, with the same values as tx.init.
+    assert r["born"] == r["8bit_zero1"] and r["born_equal"]
+
+
+def test_docstring_examples_of_the_example_run():
+    import doctest
+
+    from examples.lm import config, data, mesh
+
+    for module in (config, data, mesh):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

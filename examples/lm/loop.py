@@ -84,23 +84,12 @@ def _param_init(config: Config) -> Callable[[], Any]:
     return init
 
 
-def build(config: Config, log: Callable[[str], None]) -> Setup:
-    """Mesh, data, optimizer and every sharding of ``config``; allocates no parameters."""
-    sizes = mesh_lib.parse_mesh(config.mesh, jax.device_count())
-    split = sizes["data"] * sizes["fsdp"]
-    if config.batch_size % split:
-        raise ConfigError(
-            f"--batch-size {config.batch_size} is not divisible by {split}, the devices of the "
-            f"data and fsdp axes of the mesh ({sizes})"
-        )
-    mesh = mesh_lib.make_mesh(sizes)
-    corpus = D.load_corpus(config.data, config.val_fraction)
-    D.check_length(corpus, config.seq_len)
-    log(corpus.describe())
+def make_tx(config: Config) -> fa.GradientTransformation:
+    """The optimizer ``config`` names, with its learning-rate schedule and clipping."""
     lr = optim.schedule(
         config.learning_rate, config.steps, config.warmup_steps, config.min_lr_ratio
     )
-    tx = optim.make_optimizer(
+    return optim.make_optimizer(
         config.optimizer,
         learning_rate=lr,
         weight_decay=config.weight_decay,
@@ -108,6 +97,26 @@ def build(config: Config, log: Callable[[str], None]) -> Setup:
         master_weights=config.master_weights,
         clip_norm=config.clip_norm,
     )
+
+
+def make_mesh(config: Config) -> Any:
+    """The mesh ``config.mesh`` asks for, checked against the devices and the batch size."""
+    sizes = mesh_lib.parse_mesh(config.mesh, jax.device_count())
+    split = sizes["data"] * sizes["fsdp"]
+    if config.batch_size % split:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is not divisible by {split}, the devices of the "
+            f"data and fsdp axes of the mesh ({sizes})"
+        )
+    return mesh_lib.make_mesh(sizes)
+
+
+def layout(config: Config, mesh: Any, tx: fa.GradientTransformation):
+    """``(make_params, target, param_shardings, state_shardings)`` on ``mesh``; no allocation.
+
+    ``target`` holds ``ShapeDtypeStruct``s with shardings: ``"params"``, ``"opt_state"``,
+    ``"step"`` (the checkpoint's restore target, and what the step is compiled for).
+    """
     make_params = _param_init(config)
     abstract_params = jax.eval_shape(make_params)
     param_sh = mesh_lib.param_shardings(abstract_params, mesh)
@@ -117,6 +126,20 @@ def build(config: Config, log: Callable[[str], None]) -> Setup:
     state_sh = state_shardings(tx, with_sh, zero1_axis="data" if config.zero1 else None)
     abstract_state = jax.eval_shape(tx.init, abstract_params)
     target = ckpt.abstract_state(abstract_params, param_sh, abstract_state, state_sh)
+    return make_params, target, param_sh, state_sh
+
+
+def build(config: Config, log: Callable[[str], None], tx: Any = None) -> Setup:
+    """Mesh, data, optimizer and every sharding of ``config``; allocates no parameters.
+
+    ``tx``: an Optax-shaped optimizer to use instead of the one ``config`` names.
+    """
+    mesh = make_mesh(config)
+    corpus = D.load_corpus(config.data, config.val_fraction)
+    D.check_length(corpus, config.seq_len)
+    log(corpus.describe())
+    tx = tx if tx is not None else make_tx(config)
+    make_params, target, param_sh, state_sh = layout(config, mesh, tx)
     batch_sh = mesh_lib.batch_sharding(mesh)
     gdef = M.graphdef(config.model)
     return Setup(mesh, corpus, gdef, tx, make_params, target, param_sh, state_sh, batch_sh)
@@ -279,6 +302,7 @@ def train(
     config: Config,
     log: Callable[[str], None] | None = print,
     initial: TrainState | None = None,
+    tx: fa.GradientTransformation | None = None,
 ) -> Result:
     """Trains as ``config`` says; checkpoints, metrics, plot and a sample when asked.
 
@@ -287,6 +311,8 @@ def train(
       log: where the summary lines go (``None``: nowhere).
       initial: a state to continue from, moved onto this run's mesh (e.g. the state of a run
         on another mesh); otherwise the latest checkpoint (``config.resume``) or a fresh start.
+      tx: an Optax-shaped optimizer to use instead of ``config.optimizer`` (e.g. an Optax
+        chain, for comparisons); ``config.optimizer`` is then only a label.
 
     Returns:
       A :class:`Result`.
@@ -294,7 +320,7 @@ def train(
     config.validate()
     t_start = time.perf_counter()
     say = log or (lambda _: None)
-    s = build(config, say)
+    s = build(config, say, tx)
     state = initial_state(config, s, initial)
     fns = compile_fns(config, s)
     say(report.setup_line(config, s, fns, state.step))

@@ -76,7 +76,8 @@ def make_mesh(sizes: dict[str, int]) -> Mesh:
 def describe(mesh: Mesh) -> str:
     """``"data=2,fsdp=4,model=1 (8 cpu devices)"``."""
     axes = ",".join(f"{a}={mesh.shape[a]}" for a in AXES)
-    return f"{axes} ({mesh.size} {jax.default_backend()} devices)"
+    plural = "s" if mesh.size > 1 else ""
+    return f"{axes} ({mesh.size} {jax.default_backend()} device{plural})"
 
 
 def _names(path: tuple) -> list[str]:
