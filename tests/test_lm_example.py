@@ -162,6 +162,7 @@ def test_bad_flags_stop_with_a_message_naming_the_flag(tmp_path):
         "batch": ["--batch-size", "12", "--mesh", "data=8"],
         "moments": ["--optimizer", "torch_adamw", "--moments", "8bit"],
         "heads": ["--d-model", "100", "--heads", "3"],
+        "master": ["--master-weights"],
     }
     proc = run_python("-c", BAD_FLAGS_SCRIPT, json.dumps(cases), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -175,6 +176,7 @@ def test_bad_flags_stop_with_a_message_naming_the_flag(tmp_path):
         "batch": ["--batch-size 12", "not divisible by 8"],
         "moments": ["--moments 8bit", "torch_adamw"],
         "heads": ["--d-model 100", "--heads 3"],
+        "master": ["--master-weights", "--param-dtype bfloat16"],
     }
     for name, parts in expected.items():
         rc, err = r[name]

@@ -107,6 +107,11 @@ class Config:
                 f"--seq-len {self.seq_len} is larger than the model's context (--context "
                 f"{self.context}); the model has no position embedding beyond it"
             )
+        if self.master_weights and self.param_dtype == "float32":
+            raise ConfigError(
+                "--master-weights keeps a float32 copy of 16-bit parameters: use it with "
+                "--param-dtype bfloat16 (with float32 parameters there is nothing to copy)"
+            )
         if self.vocab_size < 256:
             raise ConfigError(
                 f"--vocab-size {self.vocab_size}: the tokens are bytes, so it must be ≥ 256"
