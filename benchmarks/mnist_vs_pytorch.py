@@ -6,7 +6,7 @@ process tree: this script starts one worker process per (framework, seed), one a
 other, and prints one table of medians over the seeds, each value with its ratio to PyTorch.
 
 - ``fa``: ``examples/mnist`` (Flax NNX, per-step jitted and donated step) with
-  ``functional_adam.optimizers.adam()``;
+  ``functional_adam.adam()``;
 - ``optax``: the very same loop with ``optax.adam(1e-3)``;
 - ``torch``: ``torch.utils.data.DataLoader(batch_size=64, shuffle=True)`` over a ``Dataset``
   that returns ``(image / 255, label)`` per example, ``torch.optim.Adam()`` defaults, the same

@@ -1,6 +1,6 @@
 """Adam on f(x) = x², step by step: the worked check of the README.
 
-Prints g, m, v, m̂, v̂ and x for the first steps of ``functional_adam.optimizers.adam`` from
+Prints g, m, v, m̂, v̂ and x for the first steps of ``functional_adam.adam`` from
 x0 = 5, then how many steps each learning rate takes to reach |x| < 1e-2.
 
     python examples/quadratic.py --steps 5 --lrs 1e-3 1e-2 1e-1
