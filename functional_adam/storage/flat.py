@@ -1,4 +1,4 @@
-"""The fast paths: ``flatten`` (moments in one buffer per dtype) and ``update_and_apply``.
+"""``flatten``: the moments of any elementwise transformation in one buffer per dtype.
 
 An Adam step is memory-bound: in float32 it must read θ, g, m, v and write
 θ, m, v, 28 bytes per parameter. Under ``jax.jit`` XLA fuses the per-leaf
@@ -7,20 +7,10 @@ few loops per leaf, but each loop is launched once per leaf: with thousands of
 small leaves, launches and compile time grow with the number of leaves.
 
 :func:`flatten` keeps the moments in one contiguous 1-D buffer per dtype, with
-the tree structure on the side (static, checked at every update), so the Adam
-arithmetic is one set of loops however many leaves the model has.
-:func:`update_and_apply` is ``update`` followed by ``apply_updates`` in one
-call, for a jitted step with donated buffers::
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, batch):
-        grads = jax.grad(loss)(params, batch)
-        return fa.update_and_apply(tx, grads, opt_state, params)
-
-JAX pairs each donated input with an output of the same shape and dtype *in
-order*, so donate the arguments in the order of the outputs, ``(params,
-opt_state)``: with ``step(grads, opt_state, params)`` the buffer of ``m`` is
-handed to the new ``params`` and XLA needs a temporary copy of the state.
+the tree's layout on the side (static, checked at every update, and as a
+fingerprint array in the state for checkpoints), so the Adam arithmetic is one
+set of loops however many leaves the model has. To keep the parameters in
+flat buffers too, see :class:`functional_adam.FlatParams`.
 """
 
 from __future__ import annotations
