@@ -160,3 +160,14 @@ def test_flatten_refuses_sharded_params_and_replicates_buffers():
     assert (
         fa.state_shardings(tx, params, zero1_axis="data")[0].inner_state.mu["float32"].spec == P()
     )
+
+
+def test_params_tuple_as_long_as_the_chain():
+    """A 2-tuple of parameters and a 2-stage chain: the state tuple is not taken for params."""
+    mesh = ml.make_mesh((2, 4))
+    a = jax.device_put(np.ones((8, 4), np.float32), NamedSharding(mesh, P("data")))
+    b = jax.device_put(np.ones((8, 4), np.float32), NamedSharding(mesh, P(None, "model")))
+    tx = fa.chain(fa.scale_by_adam(), fa.scale(-1e-2))
+    shardings = fa.state_shardings(tx, (a, b))
+    assert shardings[0].mu[0] == a.sharding and shardings[0].mu[1] == b.sharding
+    assert shardings[0].count.spec == P()

@@ -12,6 +12,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -143,6 +144,9 @@ TXS = {
     "torch_adamw": lambda: fa.compat.torch_adamw(1e-2, weight_decay=0.1),
     "keras_adam": lambda: fa.compat.keras_adam(1e-2),
     "master_weights": lambda: fa.with_master_weights(fa.adam(1e-2)),
+    "optax_chain_clip": lambda: optax.chain(optax.clip_by_global_norm(1.0), fa.adamw(1e-2)),
+    "optax_multisteps": lambda: optax.MultiSteps(fa.adam(1e-2), 2).gradient_transformation(),
+    "optax_inject_hyperparams": lambda: optax.inject_hyperparams(fa.adam)(learning_rate=1e-2),
 }
 """Transformations whose state must follow the parameters exactly (moments in float32/bf16)."""
 

@@ -168,7 +168,8 @@ def block_quantized_shardings(
 def check_fits(sharding: Sharding, shape: tuple[int, ...], where: str) -> None:
     """Raises ``ValueError`` naming ``where`` if ``sharding`` cannot lay out ``shape``."""
     try:
-        sharding.shard_shape(tuple(shape))
+        sharding.check_compatible_aval(tuple(shape))  # rank
+        sharding.shard_shape(tuple(shape))  # divisibility
     except Exception as e:
         raise ValueError(
             f"{where} of shape {tuple(shape)} cannot have sharding {sharding}: {e}"
