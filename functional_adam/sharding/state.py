@@ -300,7 +300,7 @@ def describe_state_shardings(
         >>> params = {"b": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=NamedSharding(mesh, P()))}
         >>> for row in fa.describe_state_shardings(fa.adam(1e-3), params, zero1_axis="data"):
         ...     print(row.path, row.sharding.spec, row.reason)
-        [0].count PartitionSpec() replicated (not parameter-shaped)
+        [0].count P() replicated (not parameter-shaped)
         [0].mu['b'] P('data',) like params['b'], plus 'data' on dim 0 (ZeRO-1)
         [0].nu['b'] P('data',) like params['b'], plus 'data' on dim 0 (ZeRO-1)
     """
