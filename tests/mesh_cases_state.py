@@ -47,7 +47,7 @@ def _check_step(tx, params, state, grads, via):
     compiled = step.lower(params, state, grads).compile()
     assert ml.gathers_of_arrays(compiled.as_text()) == []
     in_shardings = (ml.shardings_of(params), ml.shardings_of(state))
-    new_params, new_state = step(params, state, grads)
+    new_params, new_state = jax.block_until_ready(step(params, state, grads))
     ml.assert_same_shardings((new_params, new_state), in_shardings)
     new_params, new_state = step(new_params, new_state, grads)  # the same executable again
     ml.assert_same_shardings((new_params, new_state), in_shardings)

@@ -31,7 +31,9 @@ def _run(tx, params, state, grads_list, out_shardings=None):
         ml.step_fn(tx, "update_and_apply"), donate_argnums=(0, 1), out_shardings=out_shardings
     )
     for grads in grads_list:
-        params, state = step(params, state, grads)
+        # One step at a time: queued steps with collectives can deadlock XLA:CPU's rendezvous
+        # on a 2-core machine (examples/mnist/mesh.py, synchronous).
+        params, state = jax.block_until_ready(step(params, state, grads))
     return params, state
 
 

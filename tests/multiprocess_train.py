@@ -84,7 +84,7 @@ def train(mesh: jax.sharding.Mesh) -> tuple[dict, np.ndarray]:
     for x, y in batches():
         x = jax.make_array_from_process_local_data(batch_sharding, x[rows])
         y = jax.make_array_from_process_local_data(batch_sharding, y[rows])
-        params, state, loss = step(params, state, x, y)
+        params, state, loss = jax.block_until_ready(step(params, state, x, y))
         losses.append(loss)
     host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), params)
     return host, np.array([np.asarray(loss.addressable_data(0)) for loss in losses])
