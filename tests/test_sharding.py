@@ -64,8 +64,9 @@ def test_report_names_each_rule():
     assert rows["[0].count"].reason == "replicated (not parameter-shaped)"
     assert rows["[0].mu['b']"].reason == "like params['b'], plus 'data' on dim 0 (ZeRO-1)"
     assert rows["[0].mu['w'].codes"].shape == (16, 256)
-    assert rows["[0].mu['w'].codes"].reason == (
-        "8-bit: replicated (parameter not sharded), plus 'data' on the block axis (ZeRO-1)"
+    assert (
+        rows["[0].mu['w'].codes"].reason
+        == "8-bit: block axis over ('data',), 'data' added (ZeRO-1)"
     )
     assert rows["[0].nu['w'].scale"].sharding.spec == P("data")
 

@@ -135,34 +135,43 @@ def block_quantized_shardings(
     replicated = replicated_like(param_sharding)
     n_blocks, block_size = codes_shape
     if not isinstance(param_sharding, NamedSharding):
-        return LeafSharding(replicated, "8-bit: replicated"), LeafSharding(replicated, "")
+        reason = "8-bit: replicated (parameter on one device)"
+        return LeafSharding(replicated, reason), LeafSharding(replicated, reason)
     mesh = param_sharding.mesh
     spec = padded_spec(param_sharding, len(param_shape))
-    block_axes: tuple[str, ...] = ()
-    reason = "8-bit: replicated (parameter not sharded)"
-    if any(entry is not None for entry in spec[1:]):
-        reason = "8-bit: replicated (parameter sharded beyond its first axis)"
-    elif spec and spec[0] is not None:
-        shards = axes_size(mesh, spec[0])
-        per_shard, rest = divmod(math.prod(param_shape), shards)
-        if rest == 0 and per_shard % block_size == 0:
-            block_axes = _axes(spec[0])
-            reason = f"8-bit: block axis over {block_axes} like the parameter's first axis"
-        else:
-            reason = f"8-bit: replicated ({per_shard} elements per shard is not whole blocks)"
+    follows, why = _blocks_follow(spec, mesh, param_shape, block_size)
+    block_axes, zero1 = follows, ""
     used = {a for entry in spec for a in _axes(entry)}
     if zero1_axis is not None and zero1_axis not in used:
-        candidate = (*block_axes, zero1_axis)
+        candidate = (*follows, zero1_axis)
         if n_blocks % axes_size(mesh, candidate) == 0:
-            block_axes = candidate
-            reason += f", plus {zero1_axis!r} on the block axis (ZeRO-1)"
+            block_axes, zero1 = candidate, f"{zero1_axis!r} added (ZeRO-1)"
+        else:
+            zero1 = f"not over {zero1_axis!r}: {n_blocks} blocks for {axes_size(mesh, candidate)}"
     if not block_axes:
+        reason = f"8-bit: replicated ({why})" + (f"; {zero1}" if zero1 else "")
         return LeafSharding(replicated, reason), LeafSharding(replicated, reason)
+    reason = f"8-bit: block axis over {block_axes}" + (f" ({why})" if follows else "")
+    reason += f", {zero1}" if zero1 else ""
     entry = block_axes[0] if len(block_axes) == 1 else block_axes
     kind = param_sharding.memory_kind
     codes = NamedSharding(mesh, PartitionSpec(entry), memory_kind=kind)
     scale = NamedSharding(mesh, PartitionSpec(entry), memory_kind=kind)
     return LeafSharding(codes, reason), LeafSharding(scale, reason)
+
+
+def _blocks_follow(
+    spec: list[Any], mesh: Any, shape: tuple[int, ...], block_size: int
+) -> tuple[tuple[str, ...], str]:
+    """The axes the block axis can share with the parameter, and why (or why not), in words."""
+    if any(entry is not None for entry in spec[1:]):
+        return (), "parameter sharded beyond its first axis"
+    if not spec or spec[0] is None:
+        return (), "parameter not sharded"
+    per_shard, rest = divmod(math.prod(shape), axes_size(mesh, spec[0]))
+    if rest or per_shard % block_size:
+        return (), f"{per_shard} elements per shard is not whole blocks of {block_size}"
+    return _axes(spec[0]), "like the parameter's first axis"
 
 
 def check_fits(sharding: Sharding, shape: tuple[int, ...], where: str) -> None:
