@@ -90,7 +90,7 @@ def add_axis_to_first_free_dim(
     spec = padded_spec(sharding, len(shape))
     size = sharding.mesh.shape[axis]
     if any(axis in _axes(entry) for entry in spec):
-        return LeafSharding(sharding, f"like the parameter (already sharded over {axis!r})")
+        return LeafSharding(sharding, f"already sharded over {axis!r}")
     for dim, (entry, n) in enumerate(zip(spec, shape, strict=True)):
         if entry is None and n % size == 0:
             spec[dim] = axis
@@ -100,10 +100,10 @@ def add_axis_to_first_free_dim(
             new = NamedSharding(
                 sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind
             )
-            return LeafSharding(new, f"like the parameter, plus {axis!r} on dim {dim} (ZeRO-1)")
+            return LeafSharding(new, f"plus {axis!r} on dim {dim} (ZeRO-1)")
     return LeafSharding(
         sharding,
-        f"like the parameter; not partitioned over {axis!r}: no unsharded dimension of "
+        f"not partitioned over {axis!r}: no unsharded dimension of "
         f"{tuple(shape)} is divisible by {size}",
     )
 

@@ -24,6 +24,8 @@ from functional_adam.sharding.checks import check_axis, check_same_placement, fi
 from functional_adam.sharding.rules import LeafSharding
 from functional_adam.storage.flat import FlatState
 
+_UNMATCHED = "replicated (not parameter-shaped)"
+
 
 class _Param(NamedTuple):
     path: str
@@ -128,11 +130,11 @@ def _plan_piece(piece: Any, param: _Param, zero1_axis: str | None) -> Any:
         return type(piece)(codes, scale)
     if _is_array(piece):
         if piece.shape != param.shape:
-            return LeafSharding(rules.replicated_like(param.sharding), "not parameter-shaped")
+            return LeafSharding(rules.replicated_like(param.sharding), _UNMATCHED)
         if zero1_axis is None:
             return LeafSharding(param.sharding, f"like {param.path}")
         found = rules.add_axis_to_first_free_dim(param.sharding, param.shape, zero1_axis)
-        return found._replace(reason=f"{found.reason.replace('the parameter', param.path)}")
+        return found._replace(reason=f"like {param.path}, {found.reason}")
     leaves, treedef = _children(piece)
     return treedef.unflatten([_plan_piece(child, param, zero1_axis) for _, child in leaves])
 
@@ -172,8 +174,7 @@ def _plan(node: Any, target: _Target, zero1_axis: str | None) -> Any:
         ]
         return target.treedef.unflatten(planned)
     if _is_array(node):
-        sharding = rules.replicated_like(target.params[0].sharding)
-        return LeafSharding(sharding, "replicated (not parameter-shaped)")
+        return LeafSharding(rules.replicated_like(target.params[0].sharding), _UNMATCHED)
     leaves, treedef = _children(node)
     return treedef.unflatten([_plan(child, target, zero1_axis) for _, child in leaves])
 
