@@ -6,6 +6,8 @@ accuracy after each epoch and writes metrics.json and training.png to --output-d
     python examples/mnist_mlp.py --data-dir ../shared/data/mnist
     python examples/mnist_mlp.py --epochs 3 --optimizer adamw --param-dtype bfloat16
     python examples/mnist_mlp.py --resume            # continue from the latest checkpoint
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python examples/mnist_mlp.py --mesh data=8 --zero1   # data parallel on 8 CPU devices
 
 MNIST is looked for in --data-dir, then $MNIST_DIR, then ~/.cache/functional_adam/mnist, and
 downloaded there (into the first of them) when absent. See docs/mnist.md.
@@ -104,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="step",
         help="per-step jit (default) or a whole epoch under lax.scan",
     )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="train on a device mesh: data=N (data parallel), fsdp=N (sharded parameters) "
+        "or data=N,fsdp=M; see examples/mnist/mesh.py",
+    )
+    p.add_argument(
+        "--zero1",
+        action="store_true",
+        help="with --mesh data=N: partition the optimizer state over data (ZeRO-1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -129,6 +142,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         resume=args.resume,
         output_dir=args.output_dir,
         progress=not args.no_progress,
+        mesh=args.mesh,
+        zero1=args.zero1,
     )
 
 

@@ -36,6 +36,14 @@ from functional_adam.optimizers.adam_8bit import (
     scale_by_adam_8bit,
 )
 from functional_adam.optimizers.aliases import adam, adamw, amsgrad, nadam, nadamw
+from functional_adam.sharding import (
+    StateLeafSharding,
+    abstract_state,
+    check_state_shardings,
+    describe_state_shardings,
+    init_sharded,
+    state_shardings,
+)
 from functional_adam.storage.flat import FlatState, flatten
 from functional_adam.storage.flat_params import FlatParams, check_layout
 from functional_adam.transforms.learning_rate import (
@@ -68,8 +76,10 @@ __all__ = [
     "ScaleByScheduleState",
     "Schedule",
     "SkipNonfiniteState",
+    "StateLeafSharding",
     "Updates",
     "WeightDecaySchedule",
+    "abstract_state",
     "adam",
     "adam_8bit",
     "adam_leaf",
@@ -80,11 +90,14 @@ __all__ = [
     "apply_updates",
     "chain",
     "check_layout",
+    "check_state_shardings",
     "compat",
     "conventions",
+    "describe_state_shardings",
     "flatten",
     "from_torch_state",
     "identity",
+    "init_sharded",
     "nadam",
     "nadamw",
     "safe_increment",
@@ -95,6 +108,7 @@ __all__ = [
     "scale_by_learning_rate",
     "scale_by_schedule",
     "skip_nonfinite",
+    "state_shardings",
     "to_torch_state",
     "update_and_apply",
     "with_master_weights",

@@ -19,12 +19,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -33,8 +30,10 @@ import numpy as np
 
 import functional_adam as fa
 from mnist import checkpoint as ckpt
+from mnist import mesh as mesh_lib
 from mnist.data import Mnist, load_mnist
 from mnist.model import HIDDEN, apply, cross_entropy, init_params
+from mnist.report import progress_bar, summary_line, write_outputs
 
 OPTIMIZER_NAMES: tuple[str, ...] = (
     "adam",
@@ -100,6 +99,8 @@ class Config:
     resume: bool = False
     output_dir: str | None = None
     progress: bool = True
+    mesh: str | None = None
+    zero1: bool = False
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` naming the first field that is out of range."""
@@ -121,6 +122,9 @@ class Config:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+        problem = mesh_lib.check(self.mesh, self.zero1, self.batch_size)
+        if problem is not None:
+            raise ConfigError(problem)
 
     def to_json(self) -> dict[str, Any]:
         """The fields as JSON-friendly values."""
@@ -253,24 +257,34 @@ class _Loop(NamedTuple):
     compile_seconds: float
 
 
-def _compile(config: Config, graphdef, tx, params, opt_state, key, d) -> _Loop:
-    """Compiles the shuffle, the step (or the scanned epoch) and the evaluation ahead of time."""
+def _compile(config: Config, graphdef, tx, params, opt_state, key, d, mesh=None) -> _Loop:
+    """Compiles the shuffle, the step (or the scanned epoch) and the evaluation ahead of time.
+
+    On a ``mesh`` the indices (so the batch) are split over its devices and the outputs keep
+    the parameters' and the optimizer state's shardings.
+    """
     dtype = PARAM_DTYPES[config.param_dtype]
     step = make_step(graphdef, tx, dtype)
     steps = len(d["train_x"]) // config.batch_size
+    batch, out_shardings = None, None
+    if mesh is not None:
+        batch, out_shardings = mesh_lib.step_shardings(tx, params, mesh, config.zero1)
     t0 = time.perf_counter()
     if config.loop == "scan":
-        perm = jax.ShapeDtypeStruct((steps, config.batch_size), jnp.int32)
-        fn = jax.jit(make_epoch(step), donate_argnums=(0, 1))
+        sharding = None if mesh is None else batch.update(spec=(None, *batch.spec))
+        perm = jax.ShapeDtypeStruct((steps, config.batch_size), jnp.int32, sharding=sharding)
+        fn = jax.jit(make_epoch(step), donate_argnums=(0, 1), out_shardings=out_shardings)
         compiled = fn.lower(params, opt_state, d["train_x"], d["train_y"], perm).compile()
     else:
-        idx = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)
-        fn = jax.jit(step, donate_argnums=(0, 1))
+        idx = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch)
+        fn = jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
         compiled = fn.lower(params, opt_state, d["train_x"], d["train_y"], idx).compile()
     ev = jax.jit(make_eval(graphdef, dtype)).lower(params, d["test_x"], d["test_y"]).compile()
     shuffle = jax.jit(make_shuffle(len(d["train_x"]), config.batch_size)).lower(key).compile()
     seconds = time.perf_counter() - t0
     run = _scan_epoch if config.loop == "scan" else _step_epoch
+    if mesh is not None and jax.default_backend() == "cpu":
+        compiled = mesh_lib.synchronous(compiled, perm if config.loop == "scan" else idx)
     run_epoch = functools.partial(run, compiled, d["train_x"], d["train_y"])
     return _Loop(shuffle, run_epoch, lambda p: ev(p, d["test_x"], d["test_y"]), seconds)
 
@@ -296,22 +310,6 @@ def _scan_epoch(compiled, images, labels, params, opt_state, perm, bar):
     return params, opt_state, losses
 
 
-def _progress(config: Config, epoch: int, steps: int):
-    if not config.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=steps,
-        desc=f"epoch {epoch}/{config.epochs}",
-        unit="ex",
-        unit_scale=config.batch_size,
-        leave=False,
-        dynamic_ncols=True,
-        postfix={"loss": "?"},
-    )
-
-
 class _State(NamedTuple):
     params: Any
     opt_state: Any
@@ -321,10 +319,15 @@ class _State(NamedTuple):
     history: list
 
 
-def _initial_state(config: Config, tx) -> tuple[Any, _State]:
+def _initial_state(config: Config, tx, mesh=None) -> tuple[Any, _State]:
     graphdef, params = init_params(config.seed, config.hidden, PARAM_DTYPES[config.param_dtype])
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    state = _State(params, tx.init(params), key, 0, 0, [])
+    if mesh is None:
+        opt_state = tx.init(params)
+    else:
+        params = mesh_lib.place_params(params, mesh)
+        opt_state = mesh_lib.init_state(tx, params, config.zero1)
+    state = _State(params, opt_state, key, 0, 0, [])
     if config.checkpoint_dir:
         state = ckpt.restore_or_check(config, state)
     return graphdef, state
@@ -353,9 +356,15 @@ def train(
     data = data if data is not None else load_mnist(config.data_dir, progress=config.progress)
     tx = tx if tx is not None else make_optimizer(config)
     t_start = time.perf_counter()
+    try:
+        mesh = mesh_lib.make_mesh(config.mesh) if config.mesh else None
+    except mesh_lib.MeshError as e:
+        raise ConfigError(str(e)) from None
     d = _device_data(data, config)
-    graphdef, state = _initial_state(config, tx)
-    loop = _compile(config, graphdef, tx, state.params, state.opt_state, state.key, d)
+    if mesh is not None:
+        d = mesh_lib.replicate(d, mesh)
+    graphdef, state = _initial_state(config, tx, mesh)
+    loop = _compile(config, graphdef, tx, state.params, state.opt_state, state.key, d, mesh)
     log(f"compile: {loop.compile_seconds:.2f} s (step, evaluation and shuffle, ahead of time)")
     all_losses = []
     for epoch in range(state.epoch + 1, config.epochs + 1):
@@ -365,7 +374,7 @@ def train(
             t0 = time.perf_counter()
             ckpt.save(config, state)
             state.history[-1]["checkpoint_seconds"] = time.perf_counter() - t0
-        log(_summary_line(state.history[-1], config.epochs))
+        log(summary_line(state.history[-1], config.epochs))
     total = time.perf_counter() - t_start
     losses = np.concatenate(all_losses) if all_losses else np.zeros(0, np.float32)
     result = TrainResult(
@@ -382,7 +391,7 @@ def _train_epoch(
     """One epoch: shuffle, train, evaluate; returns the new state and the step losses."""
     key, perm = loop.shuffle(state.key)
     perm = np.asarray(perm)  # the step loop slices it on the host: no device op per step
-    bar = _progress(config, epoch, len(perm))
+    bar = progress_bar(config, epoch, len(perm))
     t0 = time.perf_counter()
     params, opt_state, losses = loop.run_epoch(state.params, state.opt_state, perm, bar)
     t1 = time.perf_counter()
@@ -404,61 +413,3 @@ def _train_epoch(
         "examples_per_second": len(perm) * config.batch_size / (t1 - t0),
     }
     return _State(params, opt_state, key, step, epoch, [*state.history, row]), losses
-
-
-def _summary_line(row: dict[str, Any], epochs: int) -> str:
-    return (
-        f"epoch {row['epoch']:>2}/{epochs}  train loss {row['train_loss']:.4f}  "
-        f"test acc {100 * row['test_accuracy']:.2f}%  "
-        f"epoch {row['epoch_seconds']:.2f} s ({row['examples_per_second']:,.0f} ex/s)"
-    )
-
-
-def write_outputs(config: Config, result: TrainResult, log: Callable[[str], None]) -> None:
-    """Writes ``metrics.json`` and ``training.png`` into ``config.output_dir``."""
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = {
-        "config": config.to_json(),
-        "epochs": result.history,
-        "compile_seconds": result.compile_seconds,
-        "total_seconds": result.total_seconds,
-        "final_test_accuracy": result.history[-1]["test_accuracy"] if result.history else None,
-        "best_test_accuracy": max((r["test_accuracy"] for r in result.history), default=None),
-        "machine": {
-            "platform": platform.platform(),
-            "device": str(jax.devices()[0]),
-            "jax": jax.__version__,
-            "functional_adam": fa.__version__,
-        },
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    title = f"MNIST MLP {'-'.join(map(str, (784, *config.hidden, 10)))}, {config.optimizer}"
-    if result.history:
-        title += f": final test accuracy {100 * result.history[-1]['test_accuracy']:.2f}%"
-    plot_history(result.history, out / "training.png", title=title)
-    log(f"wrote {out / 'metrics.json'} and {out / 'training.png'}")
-
-
-def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """Plots train loss and test accuracy per epoch into the PNG ``path`` (Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    ax_loss.plot(epochs, [r["test_loss"] for r in history], "s--", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [100 * r["test_accuracy"] for r in history], "o-", color="C2")
-    ax_acc.set(xlabel="epoch", ylabel="%", title="test accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
