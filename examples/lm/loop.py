@@ -8,7 +8,7 @@ the step compiled ahead of time::
     params, opt_state = fa.update_and_apply(tx, grads, opt_state, params)   # donated
 
 with explicit in/out shardings, so parameters and optimizer state stay where
-:mod:`lm.mesh` and :mod:`lm.sharding` put them. Losses are fetched every ``log_every``
+:mod:`lm.mesh` and ``fa.state_shardings`` put them. Losses are fetched every ``log_every``
 steps, so the host does not wait for each step.
 """
 
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import functional_adam as fa
+from functional_adam import init_sharded, state_shardings
 
 from . import checkpoint as ckpt
 from . import data as D
@@ -32,7 +33,6 @@ from . import generate, optim, report
 from . import mesh as mesh_lib
 from . import model as M
 from .config import Config, ConfigError
-from .sharding import init_sharded, state_shardings
 
 
 class TrainState(NamedTuple):

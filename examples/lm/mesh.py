@@ -5,7 +5,7 @@
 ``data``). The product must be the number of devices.
 
 - ``data``: the batch is split over it; parameters are replicated over it (and, with
-  ``--zero1``, the optimizer's moments are split over it: :mod:`lm.sharding`).
+  ``--zero1``, the optimizer's moments are split over it: ``fa.state_shardings``).
 - ``fsdp``: the batch is split over it too, and every parameter is split over it along its
   largest dimension that it divides (fully sharded data parallel: each device stores
   ``1/fsdp`` of the parameters and of the moments; the compiler gathers a layer's weights

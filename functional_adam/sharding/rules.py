@@ -70,13 +70,15 @@ def axes_size(mesh: Any, entry: Any) -> int:
 def add_axis_to_first_free_dim(
     sharding: Sharding, shape: tuple[int, ...], axis: str
 ) -> LeafSharding:
-    """ZeRO-1: ``sharding`` with ``axis`` added on the first unsharded dimension it divides.
+    """ZeRO-1: ``sharding`` with ``axis`` added on the first dimension that can take it.
 
     As MaxText's ``shard_optimizer_over_data``: the state of a data-parallel
     (replicated) parameter is partitioned over the data axis, so each device
-    keeps ``1/N`` of it. A leaf already sharded over ``axis`` stays as it is; a
-    leaf with no unsharded dimension divisible by the axis size stays
-    replicated over ``axis`` (the reason says so).
+    keeps ``1/N`` of it. The axis goes on the first unsharded dimension it
+    divides, or else joins the sharding of the first dimension that divides by
+    both (an FSDP bias ``P('fsdp')`` becomes ``P(('fsdp', 'data'))``). A leaf
+    already sharded over ``axis`` stays as it is; a leaf with no such dimension
+    stays replicated over ``axis`` (the reason says so).
 
     Example:
         >>> import jax
@@ -91,21 +93,28 @@ def add_axis_to_first_free_dim(
     size = sharding.mesh.shape[axis]
     if any(axis in _axes(entry) for entry in spec):
         return LeafSharding(sharding, f"already sharded over {axis!r}")
-    for dim, (entry, n) in enumerate(zip(spec, shape, strict=True)):
-        if entry is None and n % size == 0:
-            spec[dim] = axis
-            # As long as the parameter's spec or up to `dim`: jax.jit caches on the spec
-            # itself, and returns specs as long as their inputs' (P("data") is not P("data", None)).
-            spec = spec[: max(len(sharding.spec), dim + 1)]
-            new = NamedSharding(
-                sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind
-            )
-            return LeafSharding(new, f"plus {axis!r} on dim {dim} (ZeRO-1)")
-    return LeafSharding(
-        sharding,
-        f"not partitioned over {axis!r}: no unsharded dimension of "
-        f"{tuple(shape)} is divisible by {size}",
-    )
+    # First an unsharded dimension the axis divides; else a sharded one that can also take it.
+    free = [
+        d for d, (e, n) in enumerate(zip(spec, shape, strict=True)) if e is None and n % size == 0
+    ]
+    shared = [
+        d
+        for d, (e, n) in enumerate(zip(spec, shape, strict=True))
+        if e is not None and n % (axes_size(sharding.mesh, e) * size) == 0
+    ]
+    if not free and not shared:
+        return LeafSharding(
+            sharding,
+            f"not partitioned over {axis!r}: no dimension of {tuple(shape)} is divisible "
+            f"by {size} times its shards",
+        )
+    dim = free[0] if free else shared[0]
+    spec[dim] = axis if free else (*_axes(spec[dim]), axis)
+    # As long as the parameter's spec or up to `dim`: jax.jit caches on the spec
+    # itself, and returns specs as long as their inputs' (P("data") is not P("data", None)).
+    spec = spec[: max(len(sharding.spec), dim + 1)]
+    new = NamedSharding(sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
+    return LeafSharding(new, f"plus {axis!r} on dim {dim} (ZeRO-1)")
 
 
 def is_block_quantized(node: Any) -> bool:

@@ -150,7 +150,7 @@ def _flat_target(state: FlatState, target: _Target) -> _Target:
             )
     sizes: dict[str, int] = {}
     for spec in state.layout:
-        sizes[spec.dtype] = max(sizes.get(spec.dtype, 0), spec.offset + math.prod(spec.shape))
+        sizes[spec.buffer] = max(sizes.get(spec.buffer, 0), spec.offset + math.prod(spec.shape))
     replicated = rules.replicated_like(target.params[0].sharding)
     buffers = {key: _Param(f"flat buffer {key!r}", (n,), replicated) for key, n in sizes.items()}
     keys = {key: key for key in buffers}
