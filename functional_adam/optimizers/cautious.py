@@ -49,7 +49,10 @@ def cautious_mask(u: jax.Array, g: jax.Array) -> jax.Array:
     u_c, g_c = u.astype(dtype), g.astype(dtype)
     agree = (u_c.conj() * g_c).real > 0 if jnp.iscomplexobj(u_c) else u_c * g_c > 0
     mask = agree.astype(real_dtype(dtype))
-    mask = mask / jnp.maximum(mask.mean(), MIN_FRACTION)
+    # sum/n as the reference's mean() rounds it: XLA would turn a division by the constant n
+    # into a product with 1/n, an ulp off; the barrier keeps n opaque.
+    size = jax.lax.optimization_barrier(jnp.asarray(mask.size, mask.dtype))
+    mask = mask / jnp.maximum(mask.sum() / size, MIN_FRACTION)
     return (u_c * mask).astype(u.dtype)
 
 
