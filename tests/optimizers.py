@@ -17,7 +17,16 @@ import optax
 import pytest
 
 import functional_adam as fa
-from functional_adam.compat import keras_adam, keras_adamw, tf1_adam, torch_adam, torch_adamw
+from functional_adam.compat import (
+    keras_adam,
+    keras_adamw,
+    tf1_adam,
+    torch_adam,
+    torch_adamax,
+    torch_adamw,
+    torch_nadam,
+    torch_radam,
+)
 
 LR = 1e-2
 MIN_8BIT_SIZE = 1024
@@ -106,6 +115,12 @@ OPTIMIZERS: tuple[Case, ...] = (
                                            fa.scale_by_learning_rate(LR / 10))),
     Case("master_weights_lion", lambda: fa.with_master_weights(fa.lion(LR / 10)), needs_params=True),
     Case("scale_by_adan", lambda: fa.scale_by_adan(), direction_only=True),
+    Case("torch_adamax", lambda: torch_adamax(lr=LR)),
+    Case("torch_radam_decoupled", lambda: torch_radam(lr=LR, weight_decay=0.1,
+                                                      decoupled_weight_decay=True), needs_params=True),
+    Case("torch_nadam", lambda: torch_nadam(lr=LR), needs_params=True),
+    Case("torch_nadam_l2", lambda: torch_nadam(lr=LR, weight_decay=0.1),
+         needs_params=True),
 )
 # fmt: on
 
