@@ -6,8 +6,10 @@ at its default learning rate (the reference's default where it has one, else the
 recommendation, see ``DEFAULT_LR``) and at 1e-3. Printed per optimizer and learning rate:
 the final and the best test accuracy (median over the seeds; best = the highest epoch-end
 accuracy of a run), the median time of a training step (forward, backward, update, from the
-epochs' train time), the median time of the optimizer's update alone (``update_and_apply``
-on the MLP's parameters, jitted and donated, 200 calls), and the state's bytes per parameter.
+epochs' train time, each run at its own time), the median time of the optimizer's update
+alone (``update_and_apply`` on the MLP's parameters, jitted and donated; all optimizers
+side by side in one process, 21 rounds of 40 calls each, with the ratio to Adam's), and the
+state's bytes per parameter.
 
 Schedule-free AdamW is evaluated at ``schedule_free_eval_params`` (what the example does).
 
@@ -66,40 +68,51 @@ def state_bytes_per_param(opt_state, params) -> float:
     return sum(x.nbytes for x in jax.tree.leaves(opt_state)) / n
 
 
-def update_seconds(tx, params, repeats: int = 200) -> float:
-    """Median seconds of one jitted, donated ``update_and_apply`` on the MLP's parameters."""
+def update_seconds(names: list[str], rounds: int = 21, calls: int = 40) -> dict[str, float]:
+    """Median seconds of one jitted, donated ``update_and_apply`` on the MLP's parameters, per
+    optimizer (at its default learning rate), measured side by side: ``rounds`` rounds, each
+    timing ``calls`` calls of every optimizer in turn."""
     import jax
     import numpy as np
+    from mnist.model import init_params
+    from mnist.train import Config, make_optimizer
 
     import functional_adam as fa
 
-    grads = jax.tree.map(lambda p: jax.numpy.full_like(p, 1e-3), params)
-    step = jax.jit(lambda g, s, p: fa.update_and_apply(tx, g, s, p), donate_argnums=(1, 2))
-    state = tx.init(params)
-    params = jax.tree.map(lambda p: p.copy(), params)
-    params, state = step(grads, state, params)
-    jax.block_until_ready(params)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        params, state = step(grads, state, params)
-        jax.block_until_ready(params)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    _, params0 = init_params(0)
+    grads = jax.tree.map(lambda p: jax.numpy.full_like(p, 1e-3), params0)
+    runs = {}
+    for name in names:
+        tx = make_optimizer(Config(optimizer=name, learning_rate=DEFAULT_LR[name]))
+        step = jax.jit(
+            lambda g, s, p, tx=tx: fa.update_and_apply(tx, g, s, p), donate_argnums=(1, 2)
+        )
+        params = jax.tree.map(lambda p: p.copy(), params0)
+        runs[name] = [step, *step(grads, tx.init(params), params)[::-1]]  # step, state, params
+    samples = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            step, state, params = runs[name]
+            jax.block_until_ready(params)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                params, state = step(grads, state, params)
+            jax.block_until_ready(params)
+            samples[name].append((time.perf_counter() - t0) / calls)
+            runs[name][1:] = [state, params]
+    return {name: float(np.median(times)) for name, times in samples.items()}
 
 
-def run(name: str, lr: float, seed: int, epochs: int, data, measure_update: bool) -> dict:
-    from mnist.train import Config, make_optimizer, train
+def run(name: str, lr: float, seed: int, epochs: int, data) -> dict:
+    from mnist.train import Config, train
 
     config = Config(epochs=epochs, seed=seed, optimizer=name, learning_rate=lr, progress=False)
     result = train(config, data, log=None)
     steps_per_epoch = result.history[0]["step"]
     per_step = [r["train_seconds"] / steps_per_epoch for r in result.history]
-    tx = make_optimizer(config)
     return {
         "accuracy": [r["test_accuracy"] for r in result.history],
         "step_seconds": statistics.median(per_step),
-        "update_seconds": update_seconds(tx, result.params) if measure_update else None,
         "state_bytes_per_param": state_bytes_per_param(result.opt_state, result.params),
     }
 
@@ -110,6 +123,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="*", default=None, help="optimizer names (default: all)")
+    p.add_argument("--update-only", action="store_true", help="only time the updates (no training)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     args = p.parse_args()
 
@@ -120,25 +134,28 @@ def main() -> None:
 
     import functional_adam as fa
 
-    data = load_mnist(args.data_dir, progress=False)
     names = [n for n in sorted(optimizer_table()) if args.only is None or n in args.only]
+    if args.update_only:
+        updates = update_seconds(names)
+        for name, seconds in updates.items():
+            print(f"{name:22s} {1e3 * seconds:.3f} ms  {seconds / updates['adam']:.2f}x adam")
+        return
+    data = load_mnist(args.data_dir, progress=False)
     results = {}
     for name in names:
         for lr in sorted({DEFAULT_LR[name], 1e-3}):
-            runs = [
-                run(name, lr, seed, args.epochs, data, seed == args.seeds[0]) for seed in args.seeds
-            ]
-            results[f"{name}@{lr:g}"] = runs
+            results[f"{name}@{lr:g}"] = [run(name, lr, s, args.epochs, data) for s in args.seeds]
             print(f"done {name} lr={lr:g}", file=sys.stderr, flush=True)
+    updates = update_seconds(names)
     print(
         f"MNIST MLP 784-512-256-10, batch 64, float32, {args.epochs} epochs, seeds "
         f"{' '.join(map(str, args.seeds))}; {platform.processor() or platform.machine()}, "
         f"{jax.devices()[0].platform}, jax {jax.__version__}, optax {optax.__version__}, "
         f"functional_adam {fa.__version__}"
     )
+    reference = updates.get("adam")
     print(
-        "| optimizer | lr | final acc (median) | best acc (median) | train step | update | "
-        "state B/param |"
+        "| optimizer | lr | final acc | best acc | train step | update (x adam) | state B/param |"
     )
     print("|---|---|---|---|---|---|---|")
     for key, runs in results.items():
@@ -146,14 +163,15 @@ def main() -> None:
         final = statistics.median(r["accuracy"][-1] for r in runs)
         best = statistics.median(max(r["accuracy"]) for r in runs)
         step = statistics.median(r["step_seconds"] for r in runs)
-        update = next(r["update_seconds"] for r in runs if r["update_seconds"] is not None)
+        ratio = f" ({updates[name] / reference:.2f}x)" if reference else ""
         mark = " (default)" if float(lr) == DEFAULT_LR[name] else ""
         print(
             f"| {name} | {lr}{mark} | {100 * final:.2f}% | {100 * best:.2f}% | "
-            f"{1e3 * step:.2f} ms | {1e3 * update:.3f} ms | {runs[0]['state_bytes_per_param']:.2f} |"
+            f"{1e3 * step:.2f} ms | {1e3 * updates[name]:.3f} ms{ratio} | "
+            f"{runs[0]['state_bytes_per_param']:.2f} |"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"runs": results, "update": updates}, indent=1))
 
 
 if __name__ == "__main__":

@@ -104,6 +104,70 @@ def test_unknown_option_is_named():
         compat.torch_nadam(amsgrad=True)
 
 
+@pytest.mark.parametrize(
+    ("make", "argument"),
+    [
+        (lambda: compat.torch_nadam(momentum_decay=-4e-3), "momentum_decay"),
+        (lambda: compat.torch_nadam(betas=(0.9, 1.0)), r"betas\[1\]"),
+        (lambda: compat.torch_radam(lr=-1e-3), "lr"),
+        (
+            lambda: compat.torch_radam(weight_decay=-0.1, decoupled_weight_decay=True),
+            "weight_decay",
+        ),
+        (lambda: compat.torch_adamax(eps=0.0), "eps"),
+        (lambda: compat.torch_adamax(betas=(1.5, 0.999)), r"betas\[0\]"),
+    ],
+    ids=[
+        "nadam_momentum_decay",
+        "nadam_beta2",
+        "radam_lr",
+        "radam_wd",
+        "adamax_eps",
+        "adamax_beta1",
+    ],
+)
+def test_bad_argument_is_named(make, argument):
+    with pytest.raises(ValueError, match=f"^{argument}"):
+        make()
+
+
+def test_radam_state_carries_over_from_torch():
+    """A RAdam run continued here from PyTorch's state_dict follows PyTorch's next steps."""
+    grads, p0 = parity_gradients(steps=30), parity_initial_params()
+    param = torch.nn.Parameter(torch.tensor(p0))
+    opt = torch.optim.RAdam([param], lr=1e-2)
+    for g in grads[:20]:
+        param.grad = torch.tensor(g)
+        opt.step()
+    params = [np.array(param.detach().numpy())]  # a copy: PyTorch steps param in place
+    tx = compat.torch_radam(lr=1e-2)
+    state = fa.from_torch_state(opt.state_dict(), params, tx)
+    for g in grads[20:]:
+        param.grad = torch.tensor(g)
+        opt.step()
+        updates, state = tx.update([g], state, params)
+        params = fa.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(params[0]), param.detach().numpy(), rtol=1e-6)
+
+
+def test_converted_state_does_not_share_torch_memory():
+    """PyTorch keeps stepping its tensors in place: the converted state must not follow them."""
+    param = torch.nn.Parameter(torch.ones(64))
+    opt = torch.optim.Adam([param], lr=1e-2)
+    param.grad = torch.ones(64)
+    opt.step()
+    state = fa.from_torch_state(opt.state_dict(), [np.ones(64, np.float32)], compat.torch_adam())
+    before = np.array(state[2].mu[0])
+    opt.step()
+    np.testing.assert_array_equal(np.asarray(state[2].mu[0]), before)
+
+
+def test_torch_nadam_without_params_says_so():
+    tx = compat.torch_nadam()
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(np.ones(3, np.float32), tx.init(np.zeros(3, np.float32)))
+
+
 def _report() -> None:
     """Prints the displacement error per optimizer, variant and PyTorch kernel."""
     torch.set_num_threads(1)

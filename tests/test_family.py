@@ -165,6 +165,17 @@ def test_other_bad_arguments_are_named(make, error, argument):
         make()
 
 
+def test_8bit_storage_refuses_a_moment_that_does_not_start_at_zero():
+    """Yogi's moments start at 1e-6: 8-bit blocks (which start at 0) say so, naming the moment."""
+    from functional_adam.core.lift import lift
+    from functional_adam.optimizers.yogi import yogi_optimizer
+    from functional_adam.storage.blockwise import BlockStorage
+
+    tx = lift(yogi_optimizer(), BlockStorage(min_8bit_size=16))
+    with pytest.raises(ValueError, match="'mu' starts at 1e-06"):
+        tx.init(jnp.zeros(64))
+
+
 # ---- float32 master weights for bfloat16 parameters --------------------------------------
 
 MASTER = {
