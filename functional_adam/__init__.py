@@ -22,6 +22,7 @@ from functional_adam.core.base import (
 )
 from functional_adam.core.numerics import safe_increment
 from functional_adam.kernels.dispatch import update_and_apply
+from functional_adam.optimizers.adabelief import ScaleByBeliefState, adabelief, scale_by_belief
 from functional_adam.optimizers.adam import (
     ScaleByAdamState,
     ScaleByAmsgradState,
@@ -35,7 +36,31 @@ from functional_adam.optimizers.adam_8bit import (
     adamw_8bit,
     scale_by_adam_8bit,
 )
+from functional_adam.optimizers.adamax import adamax, adamaxw, scale_by_adamax
+from functional_adam.optimizers.adan import ScaleByAdanState, adan, scale_by_adan
+from functional_adam.optimizers.ademamix import (
+    ScaleByAdemamixState,
+    ScaleBySimplifiedAdEMAMixState,
+    ademamix,
+    ademamix_8bit,
+    scale_by_ademamix,
+    scale_by_simplified_ademamix,
+    simplified_ademamix,
+)
+from functional_adam.optimizers.adopt import adopt, scale_by_adopt
 from functional_adam.optimizers.aliases import adam, adamw, amsgrad, nadam, nadamw
+from functional_adam.optimizers.cautious import cautious
+from functional_adam.optimizers.lamb import lamb, scale_by_trust_ratio
+from functional_adam.optimizers.lion import ScaleByLionState, lion, lion_8bit, scale_by_lion
+from functional_adam.optimizers.radam import radam, scale_by_radam
+from functional_adam.optimizers.schedule_free import (
+    ScaleByRmsWithCountState,
+    ScheduleFreeState,
+    schedule_free,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+)
+from functional_adam.optimizers.yogi import scale_by_yogi, yogi
 from functional_adam.sharding import (
     StateLeafSharding,
     abstract_state,
@@ -72,22 +97,37 @@ __all__ = [
     "Params",
     "ScaleByAdam8bitState",
     "ScaleByAdamState",
+    "ScaleByAdanState",
+    "ScaleByAdemamixState",
     "ScaleByAmsgradState",
+    "ScaleByBeliefState",
+    "ScaleByLionState",
+    "ScaleByRmsWithCountState",
     "ScaleByScheduleState",
+    "ScaleBySimplifiedAdEMAMixState",
     "Schedule",
+    "ScheduleFreeState",
     "SkipNonfiniteState",
     "StateLeafSharding",
     "Updates",
     "WeightDecaySchedule",
     "abstract_state",
+    "adabelief",
     "adam",
     "adam_8bit",
     "adam_leaf",
+    "adamax",
+    "adamaxw",
     "adamw",
     "adamw_8bit",
+    "adan",
     "add_decayed_weights",
+    "ademamix",
+    "ademamix_8bit",
+    "adopt",
     "amsgrad",
     "apply_updates",
+    "cautious",
     "chain",
     "check_layout",
     "check_state_shardings",
@@ -98,18 +138,37 @@ __all__ = [
     "from_torch_state",
     "identity",
     "init_sharded",
+    "lamb",
+    "lion",
+    "lion_8bit",
     "nadam",
     "nadamw",
+    "radam",
     "safe_increment",
     "scale",
     "scale_by_adam",
     "scale_by_adam_8bit",
+    "scale_by_adamax",
+    "scale_by_adan",
+    "scale_by_ademamix",
+    "scale_by_adopt",
     "scale_by_amsgrad",
+    "scale_by_belief",
     "scale_by_learning_rate",
+    "scale_by_lion",
+    "scale_by_radam",
     "scale_by_schedule",
+    "scale_by_simplified_ademamix",
+    "scale_by_trust_ratio",
+    "scale_by_yogi",
+    "schedule_free",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
+    "simplified_ademamix",
     "skip_nonfinite",
     "state_shardings",
     "to_torch_state",
     "update_and_apply",
     "with_master_weights",
+    "yogi",
 ]

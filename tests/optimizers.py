@@ -17,7 +17,16 @@ import optax
 import pytest
 
 import functional_adam as fa
-from functional_adam.compat import keras_adam, keras_adamw, tf1_adam, torch_adam, torch_adamw
+from functional_adam.compat import (
+    keras_adam,
+    keras_adamw,
+    tf1_adam,
+    torch_adam,
+    torch_adamax,
+    torch_adamw,
+    torch_nadam,
+    torch_radam,
+)
 
 LR = 1e-2
 MIN_8BIT_SIZE = 1024
@@ -83,6 +92,35 @@ OPTIMIZERS: tuple[Case, ...] = (
          quantized=True, direction_only=True),
     Case("clip_then_adamw", lambda: fa.chain(optax.clip_by_global_norm(1.0),
                                              fa.adamw(LR, weight_decay=0.1)), needs_params=True),
+    Case("adamax", lambda: fa.adamax(LR)),
+    Case("adamaxw", lambda: fa.adamaxw(LR, weight_decay=0.1), needs_params=True),
+    Case("radam", lambda: fa.radam(LR)),
+    Case("radam_nesterov_bf16_moments", lambda: fa.radam(LR, nesterov=True, mu_dtype=jnp.bfloat16)),
+    Case("adabelief", lambda: fa.adabelief(LR)),
+    Case("yogi", lambda: fa.yogi(LR)),
+    Case("lamb", lambda: fa.lamb(LR, weight_decay=0.1), needs_params=True),
+    Case("lion", lambda: fa.lion(LR / 10), needs_params=True),
+    Case("lion_8bit", lambda: fa.lion_8bit(LR / 10, min_8bit_size=MIN_8BIT_SIZE), needs_params=True,
+         quantized=True),
+    Case("adan", lambda: fa.adan(LR, weight_decay=0.1), needs_params=True),
+    Case("adopt", lambda: fa.adopt(LR)),
+    Case("ademamix", lambda: fa.ademamix(LR, weight_decay=0.1), needs_params=True),
+    Case("ademamix_8bit", lambda: fa.ademamix_8bit(LR, min_8bit_size=MIN_8BIT_SIZE),
+         needs_params=True, quantized=True),
+    Case("simplified_ademamix", lambda: fa.simplified_ademamix(LR / 10), needs_params=True),
+    Case("schedule_free_adamw", lambda: fa.schedule_free_adamw(LR), needs_params=True),
+    Case("cautious_adamw", lambda: fa.chain(fa.cautious(fa.scale_by_adam()), fa.add_decayed_weights(
+        0.1), fa.scale_by_learning_rate(LR)), needs_params=True),
+    Case("cautious_lion", lambda: fa.chain(fa.cautious(fa.scale_by_lion()),
+                                           fa.scale_by_learning_rate(LR / 10))),
+    Case("master_weights_lion", lambda: fa.with_master_weights(fa.lion(LR / 10)), needs_params=True),
+    Case("scale_by_adan", lambda: fa.scale_by_adan(), direction_only=True),
+    Case("torch_adamax", lambda: torch_adamax(lr=LR)),
+    Case("torch_radam_decoupled", lambda: torch_radam(lr=LR, weight_decay=0.1,
+                                                      decoupled_weight_decay=True), needs_params=True),
+    Case("torch_nadam", lambda: torch_nadam(lr=LR), needs_params=True),
+    Case("torch_nadam_l2", lambda: torch_nadam(lr=LR, weight_decay=0.1),
+         needs_params=True),
 )
 # fmt: on
 

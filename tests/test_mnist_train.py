@@ -127,8 +127,24 @@ def test_optimizer_table_builds_every_entry():
     params = {"w": jnp.ones(3)}
     for name in table:
         tx = make_optimizer(Config(optimizer=name, learning_rate=1e-3))
-        updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+        state = tx.init(params)
+        for _ in range(2):  # ADOPT's first step only records the second moment
+            updates, state = tx.update({"w": jnp.ones(3)}, state, params)
         assert jnp.all(updates["w"] < 0), name
+
+
+def test_schedule_free_is_evaluated_at_its_average(mnist):
+    """The reported accuracy is that of ``schedule_free_eval_params``, not of the iterate ``y``."""
+    from mnist.train import evaluation_params
+
+    config = Config(epochs=2, optimizer="schedule_free_adamw", learning_rate=2.5e-3, **SMALL)
+    result = train(config, mnist, log=None)
+    x = evaluation_params(result.opt_state, result.params)
+    same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), x, result.params)
+    assert not all(jax.tree.leaves(same))  # x differs from the trained y
+    leaves_equal(x, fa.schedule_free_eval_params(result.opt_state, result.params))
+    assert evaluation_params(fa.adam(1e-3).init(result.params), result.params) is result.params
+    assert result.history[-1]["test_accuracy"] > 0.5
 
 
 @pytest.mark.parametrize(

@@ -43,10 +43,46 @@ OPTIMIZER_NAMES: tuple[str, ...] = (
     "nadamw",
     "adam_8bit",
     "adamw_8bit",
+    "adamax",
+    "adamaxw",
+    "radam",
+    "adabelief",
+    "yogi",
+    "lamb",
+    "lion",
+    "lion_8bit",
+    "adan",
+    "adopt",
+    "ademamix",
+    "ademamix_8bit",
+    "simplified_ademamix",
+    "schedule_free_adamw",
     "torch_adam",
+    "torch_adamax",
+    "torch_radam",
+    "torch_nadam",
     "keras_adam",
 )
 """Optimizer names offered when ``functional_adam`` (or ``functional_adam.compat``) has them."""
+
+
+def _cautious(direction: Callable[[], fa.GradientTransformation], weight_decay: float):
+    def make(learning_rate) -> fa.GradientTransformation:
+        return fa.chain(
+            fa.cautious(direction()),
+            fa.add_decayed_weights(weight_decay),
+            fa.scale_by_learning_rate(learning_rate),
+        )
+
+    return make
+
+
+COMPOSITES: dict[str, Callable[..., fa.GradientTransformation]] = {
+    "cautious_adamw": _cautious(lambda: fa.scale_by_adam(), 1e-4),
+    "cautious_lion": _cautious(lambda: fa.scale_by_lion(), 1e-3),
+}
+"""Optimizers that are chains rather than one constructor: the cautious mask (arXiv 2411.16085)
+on Adam's and Lion's directions, with AdamW's and Lion's default decays."""
 
 PARAM_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -77,7 +113,19 @@ def optimizer_table() -> dict[str, Callable[..., fa.GradientTransformation]]:
             if callable(constructor):
                 table[name] = constructor
                 break
+    if hasattr(fa, "cautious"):
+        table.update(COMPOSITES)
     return table
+
+
+def evaluation_params(opt_state: Any, params: Any) -> Any:
+    """The parameters to evaluate: schedule-free optimizers evaluate their averaged ``x``."""
+    if any(
+        isinstance(s, fa.ScheduleFreeState)
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, fa.ScheduleFreeState))
+    ):
+        return fa.schedule_free_eval_params(opt_state, params)
+    return params
 
 
 @dataclass(frozen=True)
@@ -395,7 +443,7 @@ def _train_epoch(
     t0 = time.perf_counter()
     params, opt_state, losses = loop.run_epoch(state.params, state.opt_state, perm, bar)
     t1 = time.perf_counter()
-    test_loss, correct = loop.evaluate(params)
+    test_loss, correct = loop.evaluate(evaluation_params(opt_state, params))
     test_loss, test_acc = float(test_loss), int(correct) / n_test
     t2 = time.perf_counter()
     if bar is not None:

@@ -25,6 +25,8 @@ the maximum in PyTorch). The chains are::
     keras_adam(w):  scale_by_adam/amsgrad(KERAS) → [ ]
                  → scale_by_learning_rate or keras_learning_rate_and_decay
     tf1_adam:    scale_by_adam(KERAS) → [ ] → scale_by_learning_rate
+    torch_adamax, torch_radam, torch_nadam: as torch_adam(w) with their own directions
+                 (:mod:`functional_adam.compat.pytorch_family`)
 
 Bracketed pieces are :func:`~functional_adam.identity` when switched off, so
 the state has the same structure whatever the options. The AdamW decays are
@@ -54,17 +56,29 @@ from functional_adam.compat.pytorch import (
     torch_adamw,
     torch_decoupled_weight_decay,
 )
+from functional_adam.compat.pytorch_family import (
+    ScaleByTorchNAdamState,
+    scale_by_torch_nadam,
+    torch_adamax,
+    torch_nadam,
+    torch_radam,
+)
 from functional_adam.compat.torch_state import from_torch_state, to_torch_state
 
 __all__ = [
+    "ScaleByTorchNAdamState",
     "from_torch_state",
     "keras_adam",
     "keras_adamw",
     "keras_learning_rate_and_decay",
     "negate",
+    "scale_by_torch_nadam",
     "tf1_adam",
     "to_torch_state",
     "torch_adam",
+    "torch_adamax",
     "torch_adamw",
     "torch_decoupled_weight_decay",
+    "torch_nadam",
+    "torch_radam",
 ]

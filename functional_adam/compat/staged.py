@@ -70,3 +70,34 @@ def staged_update(updates: Any, params: Any, decay: Callable[[jax.Array], jax.Ar
         return (new.astype(p.dtype).astype(dtype) - theta).astype(u.dtype)
 
     return jax.tree.map(leaf, updates, params)
+
+
+def staged_steps(
+    params: Any, parts: Any, decay: Callable[[jax.Array], jax.Array] | None = None
+) -> Any:
+    r"""Like :func:`staged_update` with several in-place steps: ``θ ← round(θ + part)`` for each.
+
+    ``parts`` holds, per leaf, a tuple of steps added one after another (as
+    PyTorch's NAdam adds its gradient and momentum terms with two ``addcdiv_``);
+    ``decay`` (or none) comes first. Returns ``θ_new - θ`` per leaf, in θ's dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> theta = jnp.array([1.0])
+        >>> u = staged_steps(theta, (jnp.array([2**-24]), jnp.array([2**-24])))
+        >>> bool((theta + u)[0] == 1.0)  # each half-ulp step rounds back to 1 (ties to even)
+        True
+    """
+
+    def leaf(p: jax.Array, steps: tuple) -> jax.Array:
+        dtype = compute_dtype(p.dtype)
+        theta = p.astype(dtype)
+        new = theta if decay is None else decay(theta).astype(p.dtype).astype(dtype)
+        for step in steps:
+            new = _rounded(new, theta) + _rounded(step.astype(dtype), theta)
+            new = new.astype(p.dtype).astype(dtype)
+        return (new - theta).astype(p.dtype)
+
+    leaves, treedef = jax.tree.flatten(params)
+    steps = treedef.flatten_up_to(parts)
+    return treedef.unflatten([leaf(p, s) for p, s in zip(leaves, steps, strict=True)])

@@ -126,7 +126,9 @@ def _to_numpy(value: Any) -> np.ndarray:
         value = value.detach().cpu()
         if not value.dtype.is_complex:
             value = value.float() if value.dtype.itemsize < 4 else value
-    return np.asarray(value)
+    # A copy: PyTorch steps its tensors in place, and an array that shares their memory
+    # (numpy's view, which JAX can keep without copying) would change under the state.
+    return np.asarray(value).copy()
 
 
 def _read_entry(entry: Mapping, key: str, i: int, name: str, shape: tuple) -> np.ndarray:

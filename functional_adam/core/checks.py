@@ -249,3 +249,60 @@ def check_same_structure(
         f"the {name} do not have the structure of {what}: {detail}. "
         "Were the params' tree structure changed after init?"
     )
+
+
+def check_positive(
+    name: str, value: Any, *, high: float = math.inf, high_inclusive: bool = False
+) -> None:
+    """Raises ``ValueError`` unless every concrete value lies in ``(0, high)`` (or ``(0, high]``).
+
+    Example:
+        >>> check_positive("eps", 0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: eps must be > 0, got 0.0
+    """
+    check_hyperparameter(name, value, high=high, high_inclusive=high_inclusive)
+    values = concrete_values(value)
+    if values is not None and (values <= 0).any():
+        shown = value if np.ndim(values) == 0 else values
+        raise ValueError(f"{name} must be > 0, got {shown}")
+
+
+SCHEDULE_PROBES = (0, 1, 2, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+"""The step counts at which :func:`check_schedule` evaluates a schedule."""
+
+
+def check_schedule(
+    name: str, value: Any, *, low: float = 0.0, high: float = math.inf, high_inclusive: bool = False
+) -> None:
+    """Like :func:`check_hyperparameter`, and a schedule is checked at :data:`SCHEDULE_PROBES`.
+
+    A schedule that cannot be evaluated outside ``jax.jit`` (or returns a traced
+    value) is not checked.
+
+    Example:
+        >>> check_schedule("b3", lambda count: 0.9 + count * 1e-3, high=1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: b3 must be in [0.0, 1.0), got 1.0 at step 100 (a schedule)
+    """
+    if not callable(value):
+        check_hyperparameter(name, value, low=low, high=high, high_inclusive=high_inclusive)
+        return
+    for count in SCHEDULE_PROBES:
+        try:
+            out = value(jnp.asarray(count, jnp.int32))
+            values = concrete_values(out)
+        except Exception:
+            return
+        if values is None:
+            return
+        above = values > high if high_inclusive else values >= high
+        if np.isnan(values).any() or (values < low).any() or above.any():
+            closing = "]" if high_inclusive else ")"
+            shown = float(values) if np.ndim(values) == 0 else values
+            raise ValueError(
+                f"{name} must be in [{low}, {high}{closing}, got {shown} at step {count} "
+                "(a schedule)"
+            )

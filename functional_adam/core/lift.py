@@ -44,11 +44,13 @@ class Moment(NamedTuple):
             real for complex parameters, and 8-bit storage encodes its square root.
         dtype: the storage dtype asked for, or ``None`` for the default policy of
             :func:`functional_adam.core.numerics.moment_dtype`.
+        initial: the value every element starts from (Yogi's ``initial_accumulator_value``).
     """
 
     name: str
     squared: bool = False
     dtype: Any = None
+    initial: float = 0.0
 
 
 LeafStep = Callable[[jax.Array, tuple, Any], tuple[jax.Array, tuple]]
@@ -90,7 +92,7 @@ class PlainStorage(NamedTuple):
 
     def init(self, param: Any, moment: Moment) -> jax.Array:
         dtype = moment_dtype(param.dtype, moment.dtype, squared=moment.squared)
-        return jnp.zeros_like(param, dtype=dtype)
+        return jnp.full_like(param, moment.initial, dtype=dtype)
 
     def step(self, step: LeafStep, g: jax.Array, stored: tuple, scalars: Any) -> tuple:
         u, moments = step(g, stored, scalars)

@@ -60,8 +60,9 @@ class BiasCorrections(NamedTuple):
 
 
 @functools.partial(jax.jit, inline=True)
-def _one_minus_power(decay, count):
-    # Jitted as Optax's bias correction is: an eager b**t can differ from a jitted one by an ulp.
+def one_minus_power(decay, count):
+    """``1 - decay**count``, jitted as Optax's bias correction is (an eager ``b**t`` can differ
+    from a jitted one by an ulp)."""
     return 1 - decay**count
 
 
@@ -77,9 +78,9 @@ def bias_corrections(
     """
     one = jnp.ones([])
     return BiasCorrections(
-        bc1=_one_minus_power(b1, count) if correct_mu else one,
-        bc2=_one_minus_power(b2, count) if correct_nu else one,
-        bc1_next=_one_minus_power(b1, safe_increment(count)) if correct_mu else one,
+        bc1=one_minus_power(b1, count) if correct_mu else one,
+        bc2=one_minus_power(b2, count) if correct_nu else one,
+        bc1_next=one_minus_power(b1, safe_increment(count)) if correct_mu else one,
     )
 
 

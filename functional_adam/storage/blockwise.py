@@ -96,9 +96,14 @@ class BlockStorage(NamedTuple):
 
     def init(self, param: Any, moment: Moment) -> Any:
         if self.quantizes(param):
+            if moment.initial != 0:
+                raise ValueError(
+                    f"BlockStorage: moment {moment.name!r} starts at {moment.initial}; 8-bit "
+                    "blocks start at 0 (use plain storage for this optimizer)."
+                )
             return zeros(param.shape, self.block_size, signed=not moment.squared)
         dtype = moment_dtype(compute_dtype(param.dtype), moment.dtype, squared=moment.squared)
-        return jnp.zeros(param.shape, dtype)
+        return jnp.full(param.shape, moment.initial, dtype)
 
     def is_leaf(self, x: Any) -> bool:
         return isinstance(x, BlockQuantized)

@@ -105,6 +105,8 @@ def add_decayed_weights(
             )
         else:
             rate = weight_decay
+        if isinstance(rate, int | float) and rate == 0:  # as Optax: a constant 0 adds nothing
+            return updates, state
         flags = decay_flags(mask, params)
         u_leaves, treedef = jax.tree.flatten(updates)
         decayed = [
