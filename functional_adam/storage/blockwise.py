@@ -17,6 +17,14 @@ materialised::
     u, moments = step(g, moments, scalars)  # the optimizer's own per-leaf math
     codes = encode(moments)                 # new absmax per block
 
+An element whose new moments are not all finite (a gradient that is infinite,
+NaN, or whose square overflows) is *invalid*: its block's scales are the
+absolute maxima of the valid elements, so its neighbours keep their values, and
+its own moments saturate (infinite and overflowing ones to the block's largest
+code of their sign, NaN ones to 0 in a signed moment and to the block's largest
+value in a squared one). Its update in that step is the float32 step's (NaN for
+a non-finite gradient, as in ``adam``).
+
 Because the layer only decodes, calls ``step`` and encodes, any optimizer
 written for :func:`functional_adam.core.lift.lift` gets 8-bit moments with
 ``lift(optimizer, BlockStorage(...))``.
@@ -59,9 +67,20 @@ def _decode(q: BlockQuantized, squared: bool) -> jax.Array:
     return decode_second_moment(q) if squared else decode_blocks(q, signed=True)
 
 
-def _encode(x: jax.Array, squared: bool) -> BlockQuantized:
-    x = x.astype(jnp.float32)  # the codes' scales are float32, also for float64 parameters
-    return encode_second_moment(x) if squared else encode_blocks(x, signed=True)
+def _encode_all(moments: tuple, squared: tuple) -> tuple:
+    """Encodes the new moments of some blocks; an element is valid if all its moments are finite.
+
+    So an element whose second moment overflowed (``|g| > 1.8e19`` in float32)
+    or whose gradient was not finite saturates in every moment, and its block's
+    scales are set by the other elements (see :mod:`~functional_adam.storage.quantized`).
+    """
+    # The codes' scales are float32, also for float64 parameters.
+    moments = tuple(x.astype(jnp.float32) for x in moments)
+    valid = functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in moments])
+    return tuple(
+        encode_second_moment(x, valid) if sq else encode_blocks(x, signed=True, valid=valid)
+        for x, sq in zip(moments, squared, strict=True)
+    )
 
 
 def _slice_blocks(q: BlockQuantized, start, n: int) -> BlockQuantized:
@@ -133,7 +152,7 @@ def _quantized_step(step, g, stored, scalars, squared):
     def blocks_step(g_blocks, old):
         moments = tuple(_decode(q, sq) for q, sq in zip(old, squared, strict=True))
         _, new = step(g_blocks, moments, scalars)
-        return tuple(_encode(x, sq) for x, sq in zip(new, squared, strict=True))
+        return _encode_all(new, squared)
 
     chunk = max(1, min(_CHUNK_ELEMENTS // block_size, size // block_size))
     looped = size // block_size // chunk * chunk  # blocks done inside the loop

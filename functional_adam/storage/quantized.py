@@ -26,6 +26,16 @@ stores ``int8(index - 127)`` wrapped to 8 bits, so that code 0 is 0.0, code
 ``+k`` and ``-k`` are opposite values, and code -128 is +1.0 (the map holds +1
 but not -1, as bitsandbytes' does). Zero arrays therefore encode to zero codes.
 
+Non-finite and overflowing values never spoil their block. The scale is the
+absolute maximum over the block's *valid* elements only (by default the finite
+ones; a caller may mark more as invalid, as 8-bit Adam does for an element whose
+second moment overflowed), and an invalid element is encoded within the block's
+code range: infinite and finite invalid values saturate to the largest code of
+their sign (``+s``, or ``-0.993·s``, the signed map's most negative value),
+``NaN`` to 0 with the signed map and to ``s`` with the unsigned one. A block with no valid element has scale
+0 and decodes to zeros. So the other elements of the block keep their codes,
+and every decoded value is finite.
+
 Encoding and decoding use no table look-ups (gathers are slow on CPUs): on each
 decade the map is affine in the code, so the nearest code of ``a = |x| / s`` is
 ``clip(floor(a·gain - shift), first, last)`` with the decade's constants, chosen
@@ -223,8 +233,20 @@ def quantize(x: jax.Array, block_size: int, *, signed: bool) -> BlockQuantized:
     return encode_blocks(blocks, signed=signed)
 
 
-def encode_blocks(blocks: jax.Array, *, signed: bool) -> BlockQuantized:
+def encode_blocks(
+    blocks: jax.Array, *, signed: bool, valid: jax.Array | None = None
+) -> BlockQuantized:
     """:func:`quantize` of an array already shaped ``(n_blocks, block_size)`` (float32).
+
+    Args:
+        blocks: float32 values, shape ``(n_blocks, block_size)``.
+        signed: use the signed map (int8 codes) or the unsigned one (uint8 codes).
+        valid: which elements count for the scale (boolean, the shape of
+            ``blocks``); default: the finite ones. The others saturate (module
+            docstring).
+
+    Returns:
+        :class:`BlockQuantized`; every scale is finite.
 
     Example:
         >>> import jax.numpy as jnp
@@ -232,14 +254,21 @@ def encode_blocks(blocks: jax.Array, *, signed: bool) -> BlockQuantized:
         >>> q.scale, decode_blocks(q, signed=True).round(4)  # -0.5 -> -(0.1 + 0.9·28.5/64)
         (Array([1., 0.], dtype=float32), Array([[ 1.    , -0.5008],
                [ 0.    ,  0.    ]], dtype=float32))
+        >>> q = encode_blocks(jnp.array([[0.5, jnp.inf, jnp.nan, -jnp.inf]]), signed=True)
+        >>> q.scale, decode_blocks(q, signed=True).round(4)  # the finite 0.5 sets the scale
+        (Array([0.5], dtype=float32), Array([[ 0.5   ,  0.5   ,  0.    , -0.4965]], dtype=float32))
     """
     codec = make_codec(signed)
+    valid = jnp.isfinite(blocks) if valid is None else valid
+    clean = jnp.where(valid, blocks, 0.0)
     # max(max x, -min x): plain reductions, which XLA:CPU runs faster than max |x|.
-    scale = jnp.max(blocks, axis=1, initial=0.0)
+    scale = jnp.max(clean, axis=1, initial=0.0)
     if signed:
-        scale = jnp.maximum(scale, -jnp.min(blocks, axis=1, initial=0.0))
+        scale = jnp.maximum(scale, -jnp.min(clean, axis=1, initial=0.0))
     inverse = jnp.where(scale > 0, 1 / scale, 0.0)
-    index = _nearest_magnitude(jnp.abs(blocks) * inverse[:, None], codec)
+    saturated = jnp.where(jnp.isnan(blocks), 0.0, 1.0) if signed else 1.0
+    a = jnp.where(valid, jnp.abs(clean) * inverse[:, None], saturated)
+    index = _nearest_magnitude(a, codec)
     if not signed:
         return BlockQuantized(index.astype(jnp.uint8), scale)
     top = int(codec.last[-1])  # -1 is not in the map: negatives stop at the largest centre
@@ -258,7 +287,7 @@ def decode_blocks(q: BlockQuantized, *, signed: bool) -> jax.Array:
     return jnp.where((codes < 0) & (codes > -128), -magnitude, magnitude)
 
 
-def encode_second_moment(v: jax.Array) -> BlockQuantized:
+def encode_second_moment(v: jax.Array, valid: jax.Array | None = None) -> BlockQuantized:
     """``v`` (``(n, block_size)`` blocks, >= 0) stored as the unsigned codes of ``sqrt(v)``.
 
     Two departures from storing ``v`` itself, both against the "zero-point
@@ -268,7 +297,8 @@ def encode_second_moment(v: jax.Array) -> BlockQuantized:
     smallest code is ``3.25e-7`` of the block maximum, gradients 2,500 times
     smaller than the block's largest were lost; ``sqrt(v)`` keeps them down to
     ``3.25e-7``), and a positive value is never rounded to 0 but to the smallest
-    code (which can only shrink the step).
+    code (which can only shrink the step). ``valid`` is as in :func:`encode_blocks`:
+    an invalid (or infinite, or NaN) ``v`` saturates to the block's largest.
 
     Example:
         >>> import jax.numpy as jnp
@@ -279,7 +309,7 @@ def encode_second_moment(v: jax.Array) -> BlockQuantized:
         Array([[4.    , 0.9891, 0.    , 0.    ]], dtype=float32)
     """
     root = jnp.sqrt(v)
-    q = encode_blocks(root, signed=False)
+    q = encode_blocks(root, signed=False, valid=valid)
     return q._replace(codes=jnp.where((root > 0) & (q.codes == 0), jnp.uint8(1), q.codes))
 
 
