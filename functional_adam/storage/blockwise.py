@@ -74,7 +74,7 @@ def _decode(q: BlockQuantized, squared: bool) -> jax.Array:
     return decode_second_moment(q) if squared else decode_blocks(q, signed=True)
 
 
-def _encode_all(moments: tuple, squared: tuple) -> tuple:
+def encode_moments(moments: tuple, squared: tuple) -> tuple:
     """Encodes the new moments of some blocks; an element is valid if all its moments are finite.
 
     So an element whose second moment overflowed (``|g| > 1.8e19`` in float32)
@@ -184,7 +184,7 @@ def _blocks_step(step, g_blocks, old, scalars, squared) -> tuple:
     """The new stored moments of some blocks: decode, ``step``, encode (one reduction)."""
     moments = tuple(_decode(q, sq) for q, sq in zip(old, squared, strict=True))
     _, new = step(g_blocks, moments, scalars)
-    return _encode_all(new, squared)
+    return encode_moments(new, squared)
 
 
 def _chunked_codes(step, g, stored, scalars, squared) -> tuple:
