@@ -1,6 +1,8 @@
 """Speed and compile time of 8-bit Adam against float32 Adam, measured side by side.
 
-Prints two Markdown tables:
+Prints a check of the fused 8-bit step against the XLA path (codes that differ, largest
+parameter difference in ulps; on a GPU this is the Pallas kernel compiled by Triton),
+then two Markdown tables:
 
 1. ms per jitted, donated step on one leaf of ``--size`` float32 parameters
    (median over round-robin rounds, so load hits all methods alike), with the
@@ -17,8 +19,10 @@ and, for compile time, the XLA path with every leaf in one expression (the form
 accelerators get) or every leaf in chunks (the CPU form for leaves over 4M).
 
     python benchmarks/adam_8bit.py                       # 1e7 parameters, GPT-2 compile
-    python benchmarks/adam_8bit.py --size 1e8 --rounds 9 # on a GPU
+    python benchmarks/adam_8bit.py --size 1e8 --gpt2-steps   # on a GPU: also the GPT-2 step
     python benchmarks/adam_8bit.py --no-compile          # step times only
+
+``--gpt2-steps`` adds a third table: ms per step on the GPT-2 small tree.
 """
 
 from __future__ import annotations
@@ -99,11 +103,15 @@ def _step(tx, fused: bool) -> Callable:
     return step
 
 
-def runner(method: str, n: int) -> Callable[[], None]:
+def _arrays(shapes: list[tuple[int, ...]], seed: int) -> list[jax.Array]:
+    key = jax.random.key(seed)
+    return [0.02 * jax.random.normal(jax.random.fold_in(key, i), s) for i, s in enumerate(shapes)]
+
+
+def runner(method: str, shapes: list[tuple[int, ...]]) -> Callable[[], None]:
     make, fused, threshold = METHODS[method]
     tx = make()
-    params = jax.random.normal(jax.random.key(0), (n,))
-    grads = jax.random.normal(jax.random.key(1), (n,))
+    params, grads = _arrays(shapes, 0), _arrays(shapes, 1)
     jitted = jax.jit(_step(tx, fused), donate_argnums=(0, 1))
     box = [params, tx.init(params)]
 
@@ -155,6 +163,31 @@ def compile_seconds(make, fused: bool, threshold: float | None) -> float:
         return time.perf_counter() - t
 
 
+def check_fused_against_xla(steps: int = 5) -> str:
+    """Runs ``update_and_apply`` and the XLA path of ``adamw_8bit`` side by side from the same
+    state; returns how many codes differed and the largest θ difference (in ulps of the
+    larger of |θ| before and after)."""
+    tx = fa.adamw_8bit(1e-2, weight_decay=0.1)
+    shapes = [(768, 768), (50257 * 3,), (768,)]
+    params = _arrays(shapes, 2)
+    state = tx.init(params)
+    fused = jax.jit(_step(tx, True))
+    xla = jax.jit(_step(tx, False))
+    differ, total, ulps = 0, 0, 0.0
+    for t in range(steps):
+        grads = [g * 10.0 ** (t - 2) for g in _arrays(shapes, 10 + t)]
+        (p_f, s_f), (p_x, s_x) = fused(params, state, grads), xla(params, state, grads)
+        for a, b in zip(jax.tree.leaves(s_f), jax.tree.leaves(s_x), strict=True):
+            if a.ndim == 2 and a.dtype.itemsize == 1:
+                differ += int(jnp.sum(a != b))
+                total += a.size
+        for a, b, before in zip(p_f, p_x, params, strict=True):
+            scale = jnp.maximum(jnp.abs(b), jnp.abs(before))  # as tests/trees.py measures
+            ulps = max(ulps, float(jnp.max(jnp.abs(a - b) / jnp.spacing(scale))))
+        params, state = p_x, s_x
+    return f"codes that differ: {differ} of {total}; largest θ difference: {ulps:.1f} ulps"
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -176,27 +209,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="round-robin rounds")
     parser.add_argument("--reps", type=int, default=5, help="timed steps per method per round")
     parser.add_argument("--no-compile", action="store_true", help="skip the compile table")
+    parser.add_argument("--gpt2-steps", action="store_true", help="time the GPT-2 small tree")
     args = parser.parse_args(argv)
     n = int(args.size)
     print(f"# {machine()}\n")
-    gbps = add_bandwidth_gbps(n)
-    runners = {name: runner(name, n) for name in METHODS}
-    medians = time_methods(runners, args.rounds, args.reps)
-    reference = medians[REFERENCE]
-    print(f"| {n:.0e} params, 1 leaf | ms/step (median) | vs `{REFERENCE}` |")
-    print("|---|---:|---:|")
-    for bytes_per_param in (28, 16):
-        ms = bytes_per_param * n / (gbps * 1e9) * 1e3
-        print(
-            f"| streaming limit, {bytes_per_param} B/param at `a + b` ({gbps:.0f} GB/s) "
-            f"| {ms:.2f} | {ms / reference:.2f}x |"
-        )
-    for name, ms in medians.items():
-        print(f"| {name} | {ms:.2f} | {ms / reference:.2f}x |")
+    print(f"update_and_apply vs XLA path, adamw_8bit, 5 steps: {check_fused_against_xla()}\n")
+    trees = {f"{n:.0e} params, 1 leaf": [(n,)]}
+    if args.gpt2_steps:
+        trees["GPT-2 small tree (148 leaves, 124M)"] = list(gpt2_small_shapes().values())
+    for title, shapes in trees.items():
+        size = sum(int(np.prod(s)) for s in shapes)
+        gbps = add_bandwidth_gbps(size)
+        runners = {name: runner(name, shapes) for name in METHODS}
+        medians = time_methods(runners, args.rounds, args.reps)
+        del runners
+        reference = medians[REFERENCE]
+        print(f"| {title} | ms/step (median) | vs `{REFERENCE}` |")
+        print("|---|---:|---:|")
+        for bytes_per_param in (28, 16):
+            ms = bytes_per_param * size / (gbps * 1e9) * 1e3
+            print(
+                f"| streaming limit, {bytes_per_param} B/param at `a + b` ({gbps:.0f} GB/s) "
+                f"| {ms:.2f} | {ms / reference:.2f}x |"
+            )
+        for name, ms in medians.items():
+            print(f"| {name} | {ms:.2f} | {ms / reference:.2f}x |")
+        print()
     if args.no_compile:
         return
     compile_seconds(lambda: fa.adam(1e-3), False, None)  # one-time costs of a first compile
-    print("\n| GPT-2 small tree (148 leaves, 124M) | trace + lower + compile, s |")
+    print("| GPT-2 small tree (148 leaves, 124M) | trace + lower + compile, s |")
     print("|---|---:|")
     for name, (make, fused, threshold) in (METHODS | COMPILE_ONLY).items():
         if name.startswith("fa.adamw"):

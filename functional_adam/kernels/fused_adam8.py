@@ -4,15 +4,17 @@
 scale_by_learning_rate)`` and, with it, the step that computes the same chain and
 the parameter update in one pass: on one CPU device the C++ kernels (8-bit
 leaves: :mod:`functional_adam.kernels.adam8_cpu`; leaves below ``min_8bit_size``,
-which keep float32 moments: :mod:`functional_adam.kernels.adam_cpu`). The two
-share the state, so they can alternate; the codes and scales equal the chain's
-and the parameters are within an ulp or two (``tests/test_native_8bit.py``).
+which keep float32 moments: :mod:`functional_adam.kernels.adam_cpu`), on one GPU
+the Pallas kernel (:mod:`functional_adam.kernels.adam8_gpu`; the float32-moment
+leaves in ``jax.numpy``). They share the chain's state, so they can alternate;
+the codes and scales equal the chain's and the parameters are within a few ulps
+(``tests/test_native_8bit.py``, ``tests/test_pallas_8bit.py``).
 
 The kernel step applies where every parameter and gradient is float32, every
-plain moment float32, every hyperparameter a scalar, the only device is one CPU,
-and the kernel was built with its AVX-512 code (its scalar code, for other CPUs,
-is slower than XLA's loops); anything else takes the chain, which also gives the
-errors for bad input.
+plain moment float32, every hyperparameter a scalar, and there is one device: a
+CPU whose kernel was built with its AVX-512 code (its scalar code, for other
+CPUs, is slower than XLA's loops), or a GPU; anything else takes the chain,
+which also gives the errors for bad input.
 """
 
 from __future__ import annotations
@@ -76,17 +78,38 @@ def kernel_leaves(grads: Any, state: Any, params: Any):
     return treedef, leaves
 
 
-def _kernel_step(scalars, leaves, flags, nesterov):
-    """New ``(θ, mu, nu)`` of every leaf: 8-bit leaves in one kernel, plain ones in the other."""
+def _where() -> str | None:
+    """Where the one-pass step runs: ``"cpu"`` (C++ kernels), ``"gpu"`` (Pallas), or ``None``."""
+    if jax.device_count() != 1:  # the state may be sharded; a kernel call cannot be partitioned
+        return None
+    backend = jax.default_backend()
+    if backend == "cpu":
+        # The kernel's scalar code (CPUs without AVX-512) is slower than XLA's loops.
+        return "cpu" if cpu_kernel_applies() and build.has_8bit_simd() else None
+    return "gpu" if backend == "gpu" else None
+
+
+def _kernel_step(scalars, leaves, flags, nesterov, where):
+    """New ``(θ, mu, nu)`` of every leaf: 8-bit leaves in one kernel, plain ones in another
+    (on a GPU: in ``jax.numpy``, which XLA fuses into one loop per leaf)."""
     out = [None] * len(leaves)
     groups = {True: [], False: []}
     for i, leaf in enumerate(leaves):
         groups[isinstance(leaf[2], BlockQuantized)].append(i)
+    if where == "gpu":
+        from functional_adam.kernels import adam8_gpu  # imports Pallas: only where it runs
+
+        steps = {
+            True: lambda *args: adam8_gpu.adam8_step(*args, adam8_gpu.INTERPRET),
+            False: adam_cpu.reference_step,
+        }
+    else:
+        steps = {True: adam8_cpu.adam8_step, False: adam_cpu.adam_step}
     stacked = scalars.stack(jnp.float32)
     for quantized, index in groups.items():
         if not index:
             continue
-        step = adam8_cpu.adam8_step if quantized else adam_cpu.adam_step
+        step = steps[quantized]
         results = step(
             stacked, [leaves[i] for i in index], tuple(flags[i] for i in index), nesterov
         )
@@ -123,9 +146,8 @@ def adam8_chain(
         if not (isinstance(state, tuple) and len(state) == 2 + len(decay)):
             return None
         adam_state, *decay_state, lr_state = state
-        if not isinstance(adam_state, state_type) or not cpu_kernel_applies():
-            return None
-        if not build.has_8bit_simd():  # the scalar code is slower than XLA's loops
+        where = _where()
+        if not isinstance(adam_state, state_type) or where is None:
             return None
         found = kernel_leaves(grads, adam_state, params)
         if found is None:
@@ -145,7 +167,7 @@ def adam8_chain(
         )  # fmt: skip
         if any(jnp.ndim(x) != 0 for x in scalars):
             return None  # per-leaf or vector hyperparameters: the chain broadcasts them
-        out = _kernel_step(scalars, leaves, flags, nesterov)
+        out = _kernel_step(scalars, leaves, flags, nesterov, where)
         new_params, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
         return new_params, (state_type(count, mu, nu), *decay_state, lr_state)
 
