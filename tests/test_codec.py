@@ -1,5 +1,6 @@
 """The codec's tables (jax.numpy path) give exactly the rule the C++ and Pallas kernels compute."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,11 +19,23 @@ def _probe_points(codec: cd.Codec, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_table_look_ups_give_the_rule(signed):
+def test_table_look_ups_and_jax_rule_give_the_rule(signed):
     codec = cd.make_codec(signed)
     a = _probe_points(codec)
+    rule = cd.index_rule(a, codec)  # numpy, the fma in float64
+    np.testing.assert_array_equal(np.asarray(cd.nearest_index(jnp.asarray(a), codec)), rule)
+    by_rule = jax.jit(lambda a: cd.nearest_index_by_rule(a, codec))(jnp.asarray(a))
+    np.testing.assert_array_equal(np.asarray(by_rule), rule)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_decode_by_arithmetic_is_the_table(signed):
+    codec = cd.make_codec(signed)
+    codes = jnp.arange(256).astype(jnp.uint8)
+    codes = jax.lax.bitcast_convert_type(codes, jnp.int8) if signed else codes
     np.testing.assert_array_equal(
-        np.asarray(cd.nearest_index(jnp.asarray(a), codec)), cd.index_rule(a, codec)
+        np.asarray(jax.jit(lambda c: cd.decode_codes_by_rule(c, codec))(codes)),
+        np.asarray(cd.decode_codes(codes, codec)),
     )
 
 

@@ -25,7 +25,11 @@ from jax.experimental.pallas import triton as plt
 
 from functional_adam.kernels.adam8_cpu import Leaf8, reference_step
 from functional_adam.kernels.adam_cpu import KernelScalars
-from functional_adam.storage.codec import Codec, make_codec
+from functional_adam.storage.codec import (
+    decode_codes_by_rule,
+    make_codec,
+    nearest_index_by_rule,
+)
 from functional_adam.storage.quantized import BlockQuantized
 
 LEAVES_PER_CALL = 16  # leaves per launch (each leaf is a branch of the kernel)
@@ -34,53 +38,24 @@ ELEMENTS_PER_PROGRAM = 2048  # or one block, if blocks are larger
 NUM_WARPS = 4
 
 
-def _select(index: jax.Array, values: np.ndarray, first: int = 0) -> jax.Array:
-    """``values[index - first]`` by a chain of selects (Triton has no gathers)."""
-    out = jnp.full(index.shape, values[0], jnp.asarray(values).dtype)
-    for i, value in enumerate(values[1:], start=1):
-        out = jnp.where(index == first + i, value, out)
-    return out
-
-
-def _decode(codes: jax.Array, codec: Codec) -> jax.Array:
-    """The map value of int8/uint8 codes: ``(k - offset[d])·slope[d]``, ``d`` from leading zeros."""
-    c = codes.astype(jnp.int32)
-    k = jnp.abs(c) if codec.signed else c
-    # d = floor(log2 k) (signed) or floor(log2(k + 1)) - 1; -1 for k = 0: index 15 of the tables.
-    d = (31 - jax.lax.clz(k)) if codec.signed else (30 - jax.lax.clz(k + 1))
-    slope = jnp.where(d < 0, 0.0, _select(d, codec.slope[:8]))
-    offset = jnp.where(d < 0, 0.0, _select(d, codec.offset[:8]))
-    value = (k.astype(jnp.float32) - offset) * slope
-    if codec.signed:
-        value = jnp.where((c < 0) & (c != -128), -value, value)
-    return value
-
-
-def _index(a: jax.Array, codec: Codec) -> jax.Array:
-    """The codec's rule: ``min(floor(fma(a, gain[r], -shift[r])), last[r])``, ``r = #{t <= a}``."""
-    r = sum((a >= t).astype(jnp.int32) for t in codec.thresholds)
-    y = a * _select(r, codec.gain) - _select(r, codec.shift)  # contracted to an fma
-    return jnp.minimum(jnp.floor(y).astype(jnp.int32), _select(r, codec.last))
-
-
 def _encode(m, v, valid, m_inv, v_inv):
     """The codes of the new ``m`` and ``sqrt(v)`` of some blocks, given the inverse scales."""
     signed, unsigned = make_codec(True), make_codec(False)
     root = jnp.sqrt(v)
     am = jnp.where(valid, jnp.abs(m) * m_inv, jnp.where(jnp.isnan(m), 0.0, 1.0))
     av = jnp.where(valid, root * v_inv, 1.0)
-    km = _index(am, signed)
+    km = nearest_index_by_rule(am, signed)
     km = jnp.where(m < 0, -jnp.minimum(km, len(signed.magnitudes) - 2), km)
     km = jnp.where(km == 128, -128, km)  # the code of +1 (int8 wraps)
-    kv = _index(av, unsigned)
+    kv = nearest_index_by_rule(av, unsigned)
     kv = jnp.where((root > 0) & (kv == 0), 1, kv)  # a positive v never gets the zero code
     return km.astype(jnp.int8), kv.astype(jnp.uint8)
 
 
 def _group_step(s: KernelScalars, p, g, m_codes, m_scale, v_codes, v_scale, decay, nesterov):
     """θ and the new codes and scales of a group of blocks (shapes ``(G, block)`` and ``(G,)``)."""
-    md = _decode(m_codes, make_codec(True)) * m_scale[:, None]
-    vd = jnp.square(_decode(v_codes, make_codec(False)) * v_scale[:, None])
+    md = decode_codes_by_rule(m_codes, make_codec(True)) * m_scale[:, None]
+    vd = jnp.square(decode_codes_by_rule(v_codes, make_codec(False)) * v_scale[:, None])
     m = s.one_minus_b1 * g + s.b1 * md
     v = s.one_minus_b2 * (g * g) + s.b2 * vd
     valid = jnp.isfinite(m) & jnp.isfinite(v)

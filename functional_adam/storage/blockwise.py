@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from functional_adam.core.lift import PLAIN, LeafStep, Moment
 from functional_adam.core.numerics import compute_dtype, moment_dtype
+from functional_adam.storage.codec import decode_codes_by_rule, make_codec
 from functional_adam.storage.quantized import (
     BlockQuantized,
     check_block_size,
@@ -70,11 +71,14 @@ def check_min_size(min_8bit_size: int) -> int:
     return min_8bit_size
 
 
-def _decode(q: BlockQuantized, squared: bool) -> jax.Array:
+def _decode(q: BlockQuantized, squared: bool, by_rule: bool = False) -> jax.Array:
+    if by_rule:
+        value = decode_codes_by_rule(q.codes, make_codec(not squared)) * q.scale[:, None]
+        return jnp.square(value) if squared else value
     return decode_second_moment(q) if squared else decode_blocks(q, signed=True)
 
 
-def encode_moments(moments: tuple, squared: tuple) -> tuple:
+def encode_moments(moments: tuple, squared: tuple, by_rule: bool = False) -> tuple:
     """Encodes the new moments of some blocks; an element is valid if all its moments are finite.
 
     So an element whose second moment overflowed (``|g| > 1.8e19`` in float32)
@@ -85,24 +89,34 @@ def encode_moments(moments: tuple, squared: tuple) -> tuple:
     # The codes' scales are float32, also for float64 parameters.
     moments = tuple(x.astype(jnp.float32) for x in moments)
     valid = functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in moments])
-    # |m| for a signed moment, v itself for a squared one (max sqrt(v) = sqrt(max v)).
-    keys = tuple(
-        jnp.where(valid, x if sq else jnp.abs(x), 0.0)
-        for x, sq in zip(moments, squared, strict=True)
-    )
-    maxima = jax.lax.reduce(
-        keys,
-        (jnp.float32(0),) * len(keys),
-        lambda a, b: tuple(jnp.maximum(x, y) for x, y in zip(a, b, strict=True)),
-        (1,),
-    )
+    if by_rule:  # XLA:CPU: plain max and min of materialized blocks (its fast reductions)
+        clean = tuple(jnp.where(valid, x, 0.0) for x in moments)
+        maxima = tuple(
+            jnp.max(x, axis=1, initial=0.0)
+            if sq
+            else jnp.maximum(jnp.max(x, axis=1, initial=0.0), -jnp.min(x, axis=1, initial=0.0))
+            for x, sq in zip(clean, squared, strict=True)
+        )
+    else:  # |m| for a signed moment, v for a squared one (max sqrt(v) = sqrt(max v)): one pass
+        keys = tuple(
+            jnp.where(valid, x if sq else jnp.abs(x), 0.0)
+            for x, sq in zip(moments, squared, strict=True)
+        )
+        maxima = jax.lax.reduce(
+            keys,
+            (jnp.float32(0),) * len(keys),
+            lambda a, b: tuple(jnp.maximum(x, y) for x, y in zip(a, b, strict=True)),
+            (1,),
+        )
     out = []
     for x, sq, top in zip(moments, squared, maxima, strict=True):
         if sq:
             scale = jnp.sqrt(top)
-            out.append(BlockQuantized(encode_second_moment_with_scale(x, scale, valid), scale))
+            codes = encode_second_moment_with_scale(x, scale, valid, by_rule=by_rule)
+            out.append(BlockQuantized(codes, scale))
         else:
-            out.append(BlockQuantized(encode_with_scale(x, top, valid, signed=True), top))
+            codes = encode_with_scale(x, top, valid, signed=True, by_rule=by_rule)
+            out.append(BlockQuantized(codes, top))
     return tuple(out)
 
 
@@ -173,18 +187,22 @@ def _quantized_step(step, g, stored, scalars, squared, chunked: bool):
         flat = jnp.pad(g.reshape(-1), (0, n_blocks * block_size - g.size))
         out = _blocks_step(step, flat.reshape(n_blocks, block_size), stored, scalars, squared)
     moments = tuple(
-        _decode(q, sq).reshape(-1)[: g.size].reshape(g.shape)
+        _decode(q, sq, chunked).reshape(-1)[: g.size].reshape(g.shape)
         for q, sq in zip(stored, squared, strict=True)
     )
     u = step(g, moments, scalars)[0]
     return u.astype(g.dtype), out
 
 
-def _blocks_step(step, g_blocks, old, scalars, squared) -> tuple:
-    """The new stored moments of some blocks: decode, ``step``, encode (one reduction)."""
-    moments = tuple(_decode(q, sq) for q, sq in zip(old, squared, strict=True))
+def _blocks_step(step, g_blocks, old, scalars, squared, by_rule=False) -> tuple:
+    """The new stored moments of some blocks: decode, ``step``, encode (one reduction).
+
+    ``by_rule`` (the CPU's chunks): the codec's arithmetic instead of its tables, and plain
+    reductions, which XLA:CPU runs faster (the same codes and scales).
+    """
+    moments = tuple(_decode(q, sq, by_rule) for q, sq in zip(old, squared, strict=True))
     _, new = step(g_blocks, moments, scalars)
-    return encode_moments(new, squared)
+    return encode_moments(new, squared, by_rule)
 
 
 def _chunked_codes(step, g, stored, scalars, squared) -> tuple:
@@ -207,7 +225,7 @@ def _chunked_codes(step, g, stored, scalars, squared) -> tuple:
         start = i * chunk
         g_chunk = jax.lax.dynamic_slice_in_dim(flat, start * block_size, chunk * block_size)
         old = tuple(_slice_blocks(q, start, chunk) for q in stored)
-        new = _blocks_step(step, g_chunk.reshape(chunk, block_size), old, scalars, squared)
+        new = _blocks_step(step, g_chunk.reshape(chunk, block_size), old, scalars, squared, True)
         return tuple(_set_blocks(c, start, n) for c, n in zip(carry, new, strict=True))
 
     if looped:
@@ -215,6 +233,6 @@ def _chunked_codes(step, g, stored, scalars, squared) -> tuple:
     if looped < n_blocks:
         tail = jnp.pad(flat[looped * block_size :], (0, n_blocks * block_size - size))
         old = tuple(jax.tree.map(lambda a: a[looped:], q) for q in stored)
-        new = _blocks_step(step, tail.reshape(-1, block_size), old, scalars, squared)
+        new = _blocks_step(step, tail.reshape(-1, block_size), old, scalars, squared, True)
         out = tuple(_set_blocks(c, looped, n) for c, n in zip(out, new, strict=True))
     return out

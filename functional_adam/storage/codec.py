@@ -230,6 +230,56 @@ def nearest_index(a: jax.Array, codec: Codec) -> jax.Array:
     return first + (a >= _lookup(codec.midpoints, first)).astype(jnp.int32)
 
 
+def nearest_index_by_rule(a: jax.Array, codec: Codec) -> jax.Array:
+    """:func:`nearest_index` computed by the rule itself, with compares and selects.
+
+    The same indices (``a·gain - shift`` is contracted to an fma, as the rule says); more
+    operations to compile than the two look-ups, but faster on XLA:CPU, which does a
+    look-up one element at a time, and usable where there are no gathers (Pallas/Triton).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> codec = make_codec(signed=False)
+        >>> nearest_index_by_rule(jnp.array([0.0, 1e-9, 2e-7, 0.5, 1.0]), codec).tolist()
+        [0, 0, 1, 183, 255]
+    """
+    r = sum((a >= t).astype(jnp.int32) for t in codec.thresholds)
+    y = a * _select(r, codec.gain) - _select(r, codec.shift)
+    return jnp.minimum(jnp.floor(y).astype(jnp.int32), _select(r, codec.last))
+
+
+def _select(index: jax.Array, values: np.ndarray) -> jax.Array:
+    """``values[index]`` by a chain of selects."""
+    out = jnp.full(index.shape, values[0], jnp.asarray(values).dtype)
+    for i, value in enumerate(values[1:], start=1):
+        out = jnp.where(index == i, value, out)
+    return out
+
+
+def decode_codes_by_rule(codes: jax.Array, codec: Codec) -> jax.Array:
+    """:func:`decode_codes` by arithmetic: ``(k - offset[d])·slope[d]``, ``d`` from leading zeros.
+
+    The same values, without a look-up (for Pallas/Triton, which has no gathers).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> codec = make_codec(signed=True)
+        >>> codes = jnp.array([0, 1, -1, 127, -128], jnp.int8)
+        >>> bool((decode_codes_by_rule(codes, codec) == decode_codes(codes, codec)).all())
+        True
+    """
+    c = codes.astype(jnp.int32)
+    k = jnp.abs(c) if codec.signed else c
+    # d = floor(log2 k) (signed) or floor(log2(k + 1)) - 1, and -1 for k = 0.
+    d = (31 - jax.lax.clz(k)) if codec.signed else (30 - jax.lax.clz(k + 1))
+    slope = jnp.where(d < 0, 0.0, _select(d, codec.slope[:8]))
+    offset = jnp.where(d < 0, 0.0, _select(d, codec.offset[:8]))
+    value = (k.astype(jnp.float32) - offset) * slope
+    if codec.signed:
+        value = jnp.where((c < 0) & (c != -128), -value, value)
+    return value
+
+
 def decode_codes(codes: jax.Array, codec: Codec) -> jax.Array:
     """The map value (float32) of each code (int8 signed or uint8 unsigned), by one look-up."""
     index = jax.lax.bitcast_convert_type(codes, jnp.uint8) if codec.signed else codes

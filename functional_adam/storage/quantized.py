@@ -45,6 +45,7 @@ from functional_adam.storage.codec import (  # noqa: F401  (dynamic_map, make_co
     dynamic_map,
     make_codec,
     nearest_index,
+    nearest_index_by_rule,
 )
 
 
@@ -145,20 +146,27 @@ def encode_blocks(
 
 
 def encode_with_scale(
-    blocks: jax.Array, scale: jax.Array, valid: jax.Array, *, signed: bool
+    blocks: jax.Array,
+    scale: jax.Array,
+    valid: jax.Array,
+    *,
+    signed: bool,
+    by_rule: bool = False,
 ) -> jax.Array:
     """The codes of ``blocks`` (float32, ``(n_blocks, block_size)``) for the given ``scale``.
 
     ``scale`` (``(n_blocks,)``) is the absolute maximum of each block's ``valid``
     elements (:func:`encode_blocks` computes it); invalid elements saturate (module
     docstring). Elementwise given the scales, so a fused kernel can compute the
-    scales first and encode in a second sweep over data in cache.
+    scales first and encode in a second sweep over data in cache. ``by_rule``: find
+    the codes with :func:`~functional_adam.storage.codec.nearest_index_by_rule`
+    (the same codes; faster to run on a CPU, slower to compile) instead of the tables.
     """
     codec = make_codec(signed)
     inverse = jnp.where(scale > 0, 1 / scale, 0.0)[:, None]
     saturated = jnp.where(jnp.isnan(blocks), 0.0, 1.0) if signed else 1.0
     a = jnp.where(valid, jnp.abs(blocks) * inverse, saturated)
-    index = nearest_index(a, codec)
+    index = (nearest_index_by_rule if by_rule else nearest_index)(a, codec)
     if not signed:
         return index.astype(jnp.uint8)
     top = len(codec.magnitudes) - 2  # -1 is not in the map: negatives stop at the largest centre
@@ -198,10 +206,12 @@ def encode_second_moment(v: jax.Array, valid: jax.Array | None = None) -> BlockQ
     return BlockQuantized(encode_second_moment_with_scale(v, scale, valid), scale)
 
 
-def encode_second_moment_with_scale(v: jax.Array, scale: jax.Array, valid: jax.Array) -> jax.Array:
+def encode_second_moment_with_scale(
+    v: jax.Array, scale: jax.Array, valid: jax.Array, *, by_rule: bool = False
+) -> jax.Array:
     """The codes of :func:`encode_second_moment` for ``scale = sqrt(max v)`` over the valid ``v``."""
     root = jnp.sqrt(v)
-    codes = encode_with_scale(root, scale, valid, signed=False)
+    codes = encode_with_scale(root, scale, valid, signed=False, by_rule=by_rule)
     return jnp.where((root > 0) & (codes == 0), jnp.uint8(1), codes)
 
 
