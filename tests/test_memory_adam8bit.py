@@ -13,6 +13,7 @@ import pytest
 
 import functional_adam as fa
 from functional_adam.optimizers.adam import adam_leaf, bias_corrections
+from functional_adam.storage import blockwise
 from functional_adam.storage import quantized as qz
 
 
@@ -257,7 +258,7 @@ def test_bad_min_8bit_size_and_hyperparameters():
 def test_the_chunk_loop_copies_no_whole_buffer_per_iteration():
     """A structural guard (no timing): inside the compiled loop body there is no copy of an
     array as large as the leaf's codes; such copies once made the step quadratic in size."""
-    n = 8 * 2**16  # eight loop iterations
+    n = blockwise._CHUNKED_MIN_SIZE + 8 * 2**16  # chunked on the CPU: 72 loop iterations
     tx = fa.adam_8bit(1e-3)
 
     def step(p, s, g):
@@ -278,3 +279,52 @@ def test_the_chunk_loop_copies_no_whole_buffer_per_iteration():
         for shape in re.findall(r"= \w+\[([\d,]*)\]\{[\d,]*\} copy\(", computation):
             size = math.prod(int(d) for d in shape.split(",") if d)
             assert size < n // 2, f"a copy of {size} elements in every loop iteration"
+
+
+def test_chunked_and_vectorized_steps_are_bitwise_equal():
+    """The CPU's loop over chunks (large leaves) and the one-expression step (other leaves,
+    other backends) compute the same codes, scales and updates."""
+    size = 3 * 2**16 + 1000  # three loop chunks and a padded tail
+    tx = fa.scale_by_adam_8bit()
+    state = tx.init(jnp.zeros(size))
+    stored = (state.mu, state.nu)
+    optimizer_step = None
+
+    def capture(step, g, stored, scalars, squared, chunked):
+        nonlocal optimizer_step
+        optimizer_step = (step, scalars, squared)
+        return original(step, g, stored, scalars, squared, chunked)
+
+    original = blockwise._quantized_step
+    try:
+        blockwise._quantized_step = capture
+        tx.update(jnp.ones(size), state)
+    finally:
+        blockwise._quantized_step = original
+    step, scalars, squared = optimizer_step
+    for t in range(3):
+        g = jax.random.normal(jax.random.key(t), (size,)) * jnp.linspace(1e-4, 3.0, size)
+        u_c, chunked = original(step, g, stored, scalars, squared, True)
+        u_v, vector = original(step, g, stored, scalars, squared, False)
+        chex.assert_trees_all_equal((u_c, chunked), (u_v, vector))
+        stored = chunked
+
+
+def test_vectorized_step_has_no_loop_and_one_reduction_for_both_moments():
+    """Below the CPU's chunking size (and on accelerators) a leaf's step is one expression:
+    no while loop, and the block maxima of m and v come from one variadic reduction."""
+    n = 2**20
+    tx = fa.adam_8bit(1e-3)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return fa.apply_updates(p, u), s
+
+    p = jax.ShapeDtypeStruct((n,), jnp.float32)
+    lowered = jax.jit(step).lower(p, jax.eval_shape(tx.init, p), p).as_text()
+    assert "stablehlo.while" not in lowered
+    block_reductions = [
+        line for line in lowered.splitlines() if "stablehlo.reduce(" in line and "4096x256" in line
+    ]
+    assert len(block_reductions) == 1, block_reductions
+    assert "-> (tensor<4096xf32>, tensor<4096xf32>)" in block_reductions[0]  # m's and v's maxima

@@ -1,10 +1,12 @@
-"""The compiled CPU kernel behind the fused Adam step: build, verify and load.
+"""The compiled CPU kernels behind the fused Adam steps: build, verify and load.
 
 XLA:CPU compiles an Adam step into three loops per leaf (new m, new v, and the
 direction fused with the parameter update: 40 bytes per float32 parameter
 instead of 28, BENCHMARKS.md) and launches them leaf by leaf. The C++ kernel in
 ``kernels/adam_cpu.cc`` makes one pass over all leaves together, in place, on
-XLA's intra-op thread pool, as ``torch.optim.Adam(fused=True)`` does.
+XLA's intra-op thread pool, as ``torch.optim.Adam(fused=True)`` does;
+``kernels/adam8_cpu.cc`` does the same for 8-bit moments (decode, step, new block
+maxima, encode, one pass per block). Both are compiled into one library.
 
 It is compiled on first use (a few seconds) with the machine's C++ compiler
 (``$CXX`` or ``c++``) against the XLA FFI headers that ship with jaxlib, and
@@ -37,10 +39,15 @@ from pathlib import Path
 import jax
 import jaxlib
 
-SOURCE = Path(__file__).parent / "adam_cpu.cc"
+SOURCES = (Path(__file__).parent / "adam_cpu.cc", Path(__file__).parent / "adam8_cpu.cc")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std=c++20", "-w")
 TARGETS = {"float32": "functional_adam_adam_f32", "float64": "functional_adam_adam_f64"}
-_SYMBOLS = {"float32": "FunctionalAdamStepF32", "float64": "FunctionalAdamStepF64"}
+TARGET_8BIT = "functional_adam_adam8_f32"  # 8-bit moments, float32 parameters (adam8_cpu.cc)
+_SYMBOLS = {
+    TARGETS["float32"]: "FunctionalAdamStepF32",
+    TARGETS["float64"]: "FunctionalAdamStepF64",
+    TARGET_8BIT: "FunctionalAdam8bitStepF32",
+}
 
 
 def _cpu_flags() -> str:
@@ -75,7 +82,8 @@ def library_name(compiler: list[str] | None = None) -> str:
     """The cached library's file name: a hash of source, compiler, flags, jaxlib and CPU."""
     compiler = _compiler() if compiler is None else compiler
     headers = f"{jax.ffi.include_dir()} jaxlib {jaxlib.__version__}"
-    key = "\n".join([SOURCE.read_text(), " ".join(compiler), *FLAGS, headers, _cpu_flags()])
+    sources = [source.read_text() for source in SOURCES]
+    key = "\n".join([*sources, " ".join(compiler), *FLAGS, headers, _cpu_flags()])
     return f"adam_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
@@ -138,7 +146,7 @@ def _compile(compiler: list[str], library: Path) -> None:
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         partial = Path(tmp) / library.name
         command = [*compiler, *FLAGS, "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
-        command += [str(SOURCE), "-o", str(partial)]
+        command += [*map(str, SOURCES), "-o", str(partial)]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as error:
@@ -169,16 +177,26 @@ def build(cache_dir: Path | None = None) -> Path:
     return library
 
 
+_SIMD_8BIT: list[bool] = []  # set when the library is registered
+
+
 def _register(library: Path) -> None:
     """Loads ``library`` and registers its targets with XLA; unloads it if a symbol is missing."""
     handle = ctypes.CDLL(str(library))
     try:
-        handlers = {dtype: getattr(handle, symbol) for dtype, symbol in _SYMBOLS.items()}
+        handlers = {target: getattr(handle, symbol) for target, symbol in _SYMBOLS.items()}
+        simd_8bit = bool(handle.FunctionalAdam8bitSimd())
     except AttributeError:
         _unload(handle)  # or loading the rebuilt file at this path returns this handle again
         raise
-    for dtype, handler in handlers.items():
-        jax.ffi.register_ffi_target(TARGETS[dtype], jax.ffi.pycapsule(handler), platform="cpu")
+    for target, handler in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    _SIMD_8BIT[:] = [simd_8bit]
+
+
+def has_8bit_simd() -> bool:
+    """Whether the loaded kernel has the AVX-512 code of the 8-bit step (``False`` if not loaded)."""
+    return available() and _SIMD_8BIT == [True]
 
 
 def _unload(handle: ctypes.CDLL) -> None:

@@ -53,10 +53,18 @@ def _kernel_leaves(grads, adam_state, params):
     return leaves, treedef, dtype
 
 
-def _runs_here() -> bool:
+def cpu_kernel_applies() -> bool:
+    """Whether a CPU kernel may run the step: one CPU device, and the kernel loads."""
     # An accelerator: XLA fuses the step there. Several CPU devices: the state may be sharded,
     # and XLA cannot partition the kernel's call (it would gather every array on each device).
     return jax.default_backend() == "cpu" and jax.device_count() == 1 and build.available()
+
+
+def decay_rate(weight_decay: ScalarOrSchedule, decay_state: Any) -> tuple[Any, Any]:
+    """This step's weight decay and ``add_decayed_weights``' next state."""
+    if not callable(weight_decay):
+        return weight_decay, decay_state
+    return weight_decay(decay_state.count), WeightDecaySchedule(safe_increment(decay_state.count))
 
 
 def adam_chain(
@@ -81,16 +89,12 @@ def adam_chain(
     lr_tx = scale_by_learning_rate(learning_rate)
     tx = chain(direction, *decay, lr_tx)
 
-    def decay_rate(decay_state):
-        if not callable(weight_decay):
-            return weight_decay, decay_state
-        return weight_decay(decay_state.count), WeightDecaySchedule(
-            safe_increment(decay_state.count)
-        )
-
     def fused(grads, state, params, **extra_args):
         del extra_args
-        if not (isinstance(state, tuple) and len(state) == 2 + len(decay)) or not _runs_here():
+        if (
+            not (isinstance(state, tuple) and len(state) == 2 + len(decay))
+            or not cpu_kernel_applies()
+        ):
             return None
         adam_state, *decay_state, lr_state = state
         if not isinstance(adam_state, ScaleByAdamState):
@@ -104,7 +108,7 @@ def adam_chain(
         neg_lr, lr_state = lr_tx.update(jnp.ones([], dtype), lr_state)  # exactly -lr
         rate, flags = 0.0, [False] * len(leaves)
         if decay:
-            rate, decay_state[0] = decay_rate(decay_state[0])
+            rate, decay_state[0] = decay_rate(weight_decay, decay_state[0])
             flags = decay_flags(mask, params)
         scalars = adam_cpu.KernelScalars(
             b1, 1 - b1, b2, 1 - b2, eps, eps_root,

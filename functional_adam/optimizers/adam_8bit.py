@@ -22,7 +22,13 @@ ever materialised)::
     m_codes, v_codes = quantize(m), quantize(sqrt(v))     # new absmax per block
 
 The arithmetic is float32 (``adam_leaf``'s) also for bfloat16/float16
-parameters, and ``u`` has the gradient's dtype. The default ``block_size`` is
+parameters, and ``u`` has the gradient's dtype.
+
+``adam_8bit`` and ``adamw_8bit`` are fusable
+(:mod:`functional_adam.kernels.fused_adam8`): inside
+:func:`functional_adam.update_and_apply`, with float32 parameters on one CPU
+device, one pass of a compiled kernel per block decodes, steps, finds the new
+block maxima, encodes and writes θ, in place, with the same codes as the chain. The default ``block_size`` is
 256 (bitsandbytes' choice; 2048 is as fast here and slightly less accurate,
 see BENCHMARKS.md).
 
@@ -45,22 +51,15 @@ from typing import Any, NamedTuple
 import jax
 
 from functional_adam.compat.conventions import OPTAX, Convention
-from functional_adam.core.base import (
-    GradientTransformation,
-    Params,
-    ScalarOrSchedule,
-    Updates,
-    chain,
-)
+from functional_adam.core.base import GradientTransformation, Params, ScalarOrSchedule, Updates
 from functional_adam.core.lift import lift
+from functional_adam.kernels.fused_adam8 import adam8_chain
 from functional_adam.optimizers.adam import AdamHyperparameters, adam_optimizer
 from functional_adam.storage.blockwise import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_MIN_8BIT_SIZE,
     BlockStorage,
 )
-from functional_adam.transforms.learning_rate import scale_by_learning_rate
-from functional_adam.transforms.weight_decay import add_decayed_weights
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -157,20 +156,14 @@ def adam_8bit(
         >>> round(float(fa.apply_updates(x, updates)[0]), 6)
         4.999
     """
-    return chain(
-        scale_by_adam_8bit(
-            b1,
-            b2,
-            eps,
-            eps_root,
-            mu_dtype,
-            nu_dtype,
-            block_size=block_size,
-            min_8bit_size=min_8bit_size,
-            nesterov=nesterov,
-        ),
-        scale_by_learning_rate(learning_rate),
-    )
+    direction = scale_by_adam_8bit(
+        b1, b2, eps, eps_root, mu_dtype, nu_dtype,
+        block_size=block_size, min_8bit_size=min_8bit_size, nesterov=nesterov,
+    )  # fmt: skip
+    return adam8_chain(
+        direction, ScaleByAdam8bitState, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+        nesterov=nesterov, learning_rate=learning_rate,
+    )  # fmt: skip
 
 
 def adamw_8bit(
@@ -210,18 +203,11 @@ def adamw_8bit(
         >>> round(float(updates["w"][0]), 8)  # zero gradient: only the decay, -lr·wd·θ
         -0.0001
     """
-    return chain(
-        scale_by_adam_8bit(
-            b1,
-            b2,
-            eps,
-            eps_root,
-            mu_dtype,
-            nu_dtype,
-            block_size=block_size,
-            min_8bit_size=min_8bit_size,
-            nesterov=nesterov,
-        ),
-        add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
-    )
+    direction = scale_by_adam_8bit(
+        b1, b2, eps, eps_root, mu_dtype, nu_dtype,
+        block_size=block_size, min_8bit_size=min_8bit_size, nesterov=nesterov,
+    )  # fmt: skip
+    return adam8_chain(
+        direction, ScaleByAdam8bitState, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+        nesterov=nesterov, learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
+    )  # fmt: skip

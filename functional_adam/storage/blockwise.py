@@ -9,13 +9,25 @@ of its square root (uint8, :func:`~functional_adam.storage.quantized.encode_seco
 Leaves with fewer than ``min_8bit_size`` elements, and complex leaves (the maps
 are real), keep plain moments, as bitsandbytes does for small tensors.
 
-Each step of a quantized leaf runs the optimizer's elementwise ``step`` in one
-loop over chunks of 64K elements, so no full-size float32 moment is ever
-materialised::
+Each step of a quantized leaf runs the optimizer's elementwise ``step`` on the
+decoded blocks and encodes the result with each block's new absolute maxima,
+all moments' maxima in one reduction::
 
-    moments = decode(codes)                 # float32, one chunk
+    moments = decode(codes)                 # float32
     u, moments = step(g, moments, scalars)  # the optimizer's own per-leaf math
     codes = encode(moments)                 # new absmax per block
+
+For leaves of over 4M elements on the CPU this runs in a loop over chunks of
+64K elements, so no full-size float32 moment is materialised; otherwise it is
+one vectorized expression for the compiler to fuse.
+
+An element whose new moments are not all finite (a gradient that is infinite,
+NaN, or whose square overflows) is *invalid*: its block's scales are the
+absolute maxima of the valid elements, so its neighbours keep their values, and
+its own moments saturate (infinite and overflowing ones to the block's largest
+code of their sign, NaN ones to 0 in a signed moment and to the block's largest
+value in a squared one). Its update in that step is the float32 step's (NaN for
+a non-finite gradient, as in ``adam``).
 
 Because the layer only decodes, calls ``step`` and encodes, any optimizer
 written for :func:`functional_adam.core.lift.lift` gets 8-bit moments with
@@ -33,19 +45,23 @@ import jax.numpy as jnp
 
 from functional_adam.core.lift import PLAIN, LeafStep, Moment
 from functional_adam.core.numerics import cast, compute_dtype, moment_dtype
+from functional_adam.storage.codec import decode_codes_by_rule, make_codec
 from functional_adam.storage.quantized import (
     BlockQuantized,
     check_block_size,
     decode_blocks,
     decode_second_moment,
-    encode_blocks,
-    encode_second_moment,
+    encode_second_moment_with_scale,
+    encode_with_scale,
     zeros,
 )
 
 DEFAULT_BLOCK_SIZE = 256
 DEFAULT_MIN_8BIT_SIZE = 4096
 _CHUNK_ELEMENTS = 2**16  # elements per loop iteration: the temporaries stay in cache
+# On the CPU, leaves above this size step in a loop over chunks (no full-size temporaries);
+# smaller ones in one expression, which compiles in about half the time (BENCHMARKS.md).
+_CHUNKED_MIN_SIZE = 2**22
 
 
 def check_min_size(min_8bit_size: int) -> int:
@@ -55,13 +71,53 @@ def check_min_size(min_8bit_size: int) -> int:
     return min_8bit_size
 
 
-def _decode(q: BlockQuantized, squared: bool) -> jax.Array:
+def _decode(q: BlockQuantized, squared: bool, by_rule: bool = False) -> jax.Array:
+    if by_rule:
+        value = decode_codes_by_rule(q.codes, make_codec(not squared)) * q.scale[:, None]
+        return jnp.square(value) if squared else value
     return decode_second_moment(q) if squared else decode_blocks(q, signed=True)
 
 
-def _encode(x: jax.Array, squared: bool) -> BlockQuantized:
-    x = x.astype(jnp.float32)  # the codes' scales are float32, also for float64 parameters
-    return encode_second_moment(x) if squared else encode_blocks(x, signed=True)
+def encode_moments(moments: tuple, squared: tuple, by_rule: bool = False) -> tuple:
+    """Encodes the new moments of some blocks; an element is valid if all its moments are finite.
+
+    So an element whose second moment overflowed (``|g| > 1.8e19`` in float32)
+    or whose gradient was not finite saturates in every moment, and its block's
+    scales are set by the other elements (see :mod:`~functional_adam.storage.quantized`).
+    The scales of all moments come from one reduction (one pass over the blocks).
+    """
+    # The codes' scales are float32, also for float64 parameters.
+    moments = tuple(x.astype(jnp.float32) for x in moments)
+    valid = functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in moments])
+    if by_rule:  # XLA:CPU: plain max and min of materialized blocks (its fast reductions)
+        clean = tuple(jnp.where(valid, x, 0.0) for x in moments)
+        maxima = tuple(
+            jnp.max(x, axis=1, initial=0.0)
+            if sq
+            else jnp.maximum(jnp.max(x, axis=1, initial=0.0), -jnp.min(x, axis=1, initial=0.0))
+            for x, sq in zip(clean, squared, strict=True)
+        )
+    else:  # |m| for a signed moment, v for a squared one (max sqrt(v) = sqrt(max v)): one pass
+        keys = tuple(
+            jnp.where(valid, x if sq else jnp.abs(x), 0.0)
+            for x, sq in zip(moments, squared, strict=True)
+        )
+        maxima = jax.lax.reduce(
+            keys,
+            (jnp.float32(0),) * len(keys),
+            lambda a, b: tuple(jnp.maximum(x, y) for x, y in zip(a, b, strict=True)),
+            (1,),
+        )
+    out = []
+    for x, sq, top in zip(moments, squared, maxima, strict=True):
+        if sq:
+            scale = jnp.sqrt(top)
+            codes = encode_second_moment_with_scale(x, scale, valid, by_rule=by_rule)
+            out.append(BlockQuantized(codes, scale))
+        else:
+            codes = encode_with_scale(x, top, valid, signed=True, by_rule=by_rule)
+            out.append(BlockQuantized(codes, top))
+    return tuple(out)
 
 
 def _slice_blocks(q: BlockQuantized, start, n: int) -> BlockQuantized:
@@ -114,32 +170,58 @@ class BlockStorage(NamedTuple):
         # A squared moment is encoded through its square root, a signed one directly; which
         # is which follows from the codes' dtype (uint8: the unsigned map of a squared moment).
         squared = tuple(x.codes.dtype == jnp.uint8 for x in stored)
-        return _quantized_step(step, g, stored, scalars, squared)
+        chunked = jax.default_backend() == "cpu" and g.size > _CHUNKED_MIN_SIZE
+        return _quantized_step(step, g, stored, scalars, squared, chunked)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))  # eager steps round as jitted ones do
-def _quantized_step(step, g, stored, scalars, squared):
-    """One ``step`` of a quantized leaf without full-size float32 temporaries.
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))  # eager steps round as jitted ones do
+def _quantized_step(step, g, stored, scalars, squared, chunked: bool):
+    """One ``step`` of a quantized leaf: ``(u, new stored moments)``.
 
-    The new codes need each block's new absolute maximum, so a loop over
-    chunks of 64K elements decodes, steps and encodes, reading ``g`` and the
-    old codes and writing the new codes into buffers the loop carries (the
-    blocks after the last whole chunk, with the zero-padded final block, are
-    done after the loop). The loop never reads what it carries: when it did
-    (and XLA fused that read into another output), XLA copied the whole
-    buffers in every iteration, which made a step quadratic in the leaf size.
-    ``u`` is elementwise in ``g`` and the old codes; computed outside the loop,
-    XLA fuses it into ``apply_updates`` instead of writing a full-size buffer.
+    ``u`` is elementwise in ``g`` and the old codes, so XLA fuses it into its
+    consumer (``apply_updates``). The new codes need each block's new absolute
+    maxima first: ``chunked`` (large leaves on the CPU) in a loop over chunks of 64K elements
+    (:func:`_chunked_codes`) that keeps the float32 moments in cache; otherwise in
+    one vectorized expression (:func:`_blocks_step` on all blocks) that the compiler
+    fuses into a reduction and an encoding, each recomputing decode and step.
+    """
+    if chunked:
+        out = _chunked_codes(step, g, stored, scalars, squared)
+    else:
+        n_blocks, block_size = stored[0].codes.shape
+        flat = jnp.pad(g.reshape(-1), (0, n_blocks * block_size - g.size))
+        out = _blocks_step(step, flat.reshape(n_blocks, block_size), stored, scalars, squared)
+    moments = tuple(
+        _decode(q, sq, chunked).reshape(-1)[: g.size].reshape(g.shape)
+        for q, sq in zip(stored, squared, strict=True)
+    )
+    u = step(g, moments, scalars)[0]
+    return cast(u, g.dtype), out
+
+
+def _blocks_step(step, g_blocks, old, scalars, squared, by_rule=False) -> tuple:
+    """The new stored moments of some blocks: decode, ``step``, encode (one reduction).
+
+    ``by_rule`` (the CPU's chunks): the codec's arithmetic instead of its tables, and plain
+    reductions, which XLA:CPU runs faster (the same codes and scales).
+    """
+    moments = tuple(_decode(q, sq, by_rule) for q, sq in zip(old, squared, strict=True))
+    _, new = step(g_blocks, moments, scalars)
+    return encode_moments(new, squared, by_rule)
+
+
+def _chunked_codes(step, g, stored, scalars, squared) -> tuple:
+    """:func:`_blocks_step` in a loop over chunks of 64K elements, without full-size temporaries.
+
+    The loop reads ``g`` and the old codes and writes the new codes into buffers
+    it carries (the blocks after the last whole chunk, with the zero-padded final
+    block, are done after the loop). It never reads what it carries: when it did
+    (and XLA fused that read into another output), XLA copied the whole buffers
+    in every iteration, which made a step quadratic in the leaf size.
     """
     n_blocks, block_size = stored[0].codes.shape
     size = g.size
     flat = g.reshape(-1)
-
-    def blocks_step(g_blocks, old):
-        moments = tuple(_decode(q, sq) for q, sq in zip(old, squared, strict=True))
-        _, new = step(g_blocks, moments, scalars)
-        return tuple(_encode(x, sq) for x, sq in zip(new, squared, strict=True))
-
     chunk = max(1, min(_CHUNK_ELEMENTS // block_size, size // block_size))
     looped = size // block_size // chunk * chunk  # blocks done inside the loop
     out = tuple(jax.tree.map(jnp.zeros_like, q) for q in stored)
@@ -148,7 +230,7 @@ def _quantized_step(step, g, stored, scalars, squared):
         start = i * chunk
         g_chunk = jax.lax.dynamic_slice_in_dim(flat, start * block_size, chunk * block_size)
         old = tuple(_slice_blocks(q, start, chunk) for q in stored)
-        new = blocks_step(g_chunk.reshape(chunk, block_size), old)
+        new = _blocks_step(step, g_chunk.reshape(chunk, block_size), old, scalars, squared, True)
         return tuple(_set_blocks(c, start, n) for c, n in zip(carry, new, strict=True))
 
     if looped:
@@ -156,12 +238,6 @@ def _quantized_step(step, g, stored, scalars, squared):
     if looped < n_blocks:
         tail = jnp.pad(flat[looped * block_size :], (0, n_blocks * block_size - size))
         old = tuple(jax.tree.map(lambda a: a[looped:], q) for q in stored)
-        new = blocks_step(tail.reshape(-1, block_size), old)
+        new = _blocks_step(step, tail.reshape(-1, block_size), old, scalars, squared, True)
         out = tuple(_set_blocks(c, looped, n) for c, n in zip(out, new, strict=True))
-    # u is elementwise in (g, old codes): XLA fuses it into its consumer (apply_updates).
-    moments = tuple(
-        _decode(q, sq).reshape(-1)[:size].reshape(g.shape)
-        for q, sq in zip(stored, squared, strict=True)
-    )
-    u = step(g, moments, scalars)[0]
-    return cast(u, g.dtype), out
+    return out

@@ -11,25 +11,23 @@ entry of a fixed 256-value map ``Q`` (in [-1, 1]) nearest to ``x / s``::
 so ``|x_i - x̂_i| <= s · (Q_{k+1} - Q_k) / 2`` for the two map entries around
 ``x_i / s``: the error bound is half the local spacing of the map.
 
-The map is bitsandbytes' *dynamic* map (``create_dynamic_map``, after Dettmers,
-"8-Bit Approximations for Parallelism in Deep Learning", 2016): decade ``i``
-(``i = 0..6``) covers ``10^(i-6)·[0.1, 1]`` with ``n_i`` linearly spaced
-values (the centres of ``n_i`` equal bins), where ``n_i = 2^i`` per sign for the
-signed map (127 magnitudes, both signs, plus 0 and +1) and ``n_i = 2^(i+1)``
-for the unsigned one (254 values, plus 0 and 1). Small magnitudes get a coarse
-but wide exponent; magnitudes near the block maximum get up to 7 bits of
-fraction: relative spacing 0.9/64 (signed) and 0.9/128 (unsigned) near 1,
-where a linear 8-bit map would leave everything below ``s/255`` at zero.
+The map is bitsandbytes' *dynamic* map; its tables, and how a nearest code is
+found by two small table look-ups, are in :mod:`functional_adam.storage.codec`.
 
 Codes: the unsigned map stores its sorted index as ``uint8``. The signed map
 stores ``int8(index - 127)`` wrapped to 8 bits, so that code 0 is 0.0, code
 ``+k`` and ``-k`` are opposite values, and code -128 is +1.0 (the map holds +1
 but not -1, as bitsandbytes' does). Zero arrays therefore encode to zero codes.
 
-Encoding and decoding use no table look-ups (gathers are slow on CPUs): on each
-decade the map is affine in the code, so the nearest code of ``a = |x| / s`` is
-``clip(floor(a·gain - shift), first, last)`` with the decade's constants, chosen
-by comparing ``a`` with the midpoints where decades meet (a few vector selects).
+Non-finite and overflowing values never spoil their block. The scale is the
+absolute maximum over the block's *valid* elements only (by default the finite
+ones; a caller may mark more as invalid, as 8-bit Adam does for an element whose
+second moment overflowed), and an invalid element is encoded within the block's
+code range: infinite and finite invalid values saturate to the largest code of
+their sign (``+s``, or ``-0.993·s``, the signed map's most negative value),
+``NaN`` to 0 with the signed map and to ``s`` with the unsigned one. A block
+with no valid element has scale 0 and decodes to zeros. So the other elements of the block keep their codes,
+and every decoded value is finite.
 """
 
 from __future__ import annotations
@@ -42,6 +40,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from functional_adam.storage.codec import (  # noqa: F401  (dynamic_map, make_codec: public here too)
+    decode_codes,
+    dynamic_map,
+    make_codec,
+    nearest_index,
+    nearest_index_by_rule,
+)
+
 
 class BlockQuantized(NamedTuple):
     """An array stored as 8-bit codes with one float32 scale per block (a pytree of arrays).
@@ -51,120 +57,6 @@ class BlockQuantized(NamedTuple):
 
     codes: jax.Array  # int8 (signed map) or uint8 (unsigned map), shape (n_blocks, block_size)
     scale: jax.Array  # float32, shape (n_blocks,): the absolute maximum of each block
-
-
-def dynamic_map(signed: bool) -> np.ndarray:
-    """The 256 values of bitsandbytes' dynamic quantization map, sorted, as float32.
-
-    Args:
-        signed: the signed map (for Adam's first moment) or the unsigned one
-            (for the second moment, which is never negative).
-
-    Returns:
-        A float32 numpy array of 256 increasing values in [-1, 1] (signed) or [0, 1].
-
-    Example:
-        >>> q = dynamic_map(signed=False)
-        >>> (q[:3] * 1e7).round(2).tolist(), q[-1].item()  # 0, then 10^-6·(0.325, 0.775), ..., 1
-        ([0.0, 3.25, 7.75], 1.0)
-    """
-    values = [0.0, 1.0]
-    for i in range(7):
-        n = 2**i if signed else 2 ** (i + 1)
-        edges = np.linspace(0.1, 1.0, n + 1)
-        centres = 10.0 ** (i - 6) * (edges[:-1] + edges[1:]) / 2
-        values += list(centres) + (list(-centres) if signed else [])
-    assert len(values) == 256
-    return np.sort(np.asarray(values, np.float64)).astype(np.float32)
-
-
-class Codec(NamedTuple):
-    """Constants of one map, region by region (zero, the seven decades, one), for encode/decode.
-
-    On each region the map is affine in the index ``j``, ``Q_j = slope·(j - offset)``,
-    and the nearest index to ``a`` is ``clip(floor(a·gain - shift), first, last)``.
-    """
-
-    magnitudes: np.ndarray  # float32: the non-negative values, increasing (decode of 0, 1, ...)
-    thresholds: np.ndarray  # float32: where each decade and the final 1 start (midpoints)
-    gain: np.ndarray  # float32, per decade
-    shift: np.ndarray  # float32, per decade
-    first: np.ndarray  # int32, per decade: first magnitude index
-    last: np.ndarray  # int32, per decade: last magnitude index
-    slope: np.ndarray  # float32, per decade
-    offset: np.ndarray  # float32, per decade
-    signed: bool
-
-
-def _decades(signed: bool) -> list[tuple[int, int, int]]:
-    """``(decade, first magnitude index, number of values)`` of the dynamic map's decades."""
-    if signed:
-        return [(i, 2**i, 2**i) for i in range(7)]
-    return [(i, 2 ** (i + 1) - 1, 2 ** (i + 1)) for i in range(7)]
-
-
-@functools.cache
-def make_codec(signed: bool) -> Codec:
-    """Builds the region constants of the signed or unsigned map (checked against the map).
-
-    Example:
-        >>> codec = make_codec(signed=True)
-        >>> len(codec.magnitudes), float(codec.magnitudes[-1])  # 0, 127 centres, and +1
-        (129, 1.0)
-    """
-    q = dynamic_map(signed).astype(np.float64)
-    magnitudes = q[q >= 0]
-    decades = _decades(signed)
-    scale = np.array([10.0 ** (i - 6) for i, _, _ in decades])
-    first = np.array([f for _, f, _ in decades])
-    n = np.array([n for _, _, n in decades], np.float64)
-    # Q_j = 10^(i-6)·(0.1 + 0.9·(j - first + 0.5)/n) = slope·(j - offset) within decade i.
-    slope, offset = scale * 0.9 / n, first - 0.5 - n / 9
-    # Bins of width 0.9/n from 0.1: j = first + floor((a/10^(i-6) - 0.1)·n/0.9).
-    gain, shift = n / (0.9 * scale), n / 9 - first
-    starts = np.append(first, len(magnitudes) - 1)
-    thresholds = (magnitudes[starts - 1] + magnitudes[starts]) / 2
-    assert (thresholds[:-1] > 0.1 * scale).all()  # so no index falls below its decade's first
-    codec = Codec(
-        magnitudes=np.zeros(0, np.float32),
-        thresholds=thresholds.astype(np.float32),
-        gain=gain.astype(np.float32),
-        shift=shift.astype(np.float32),
-        first=first.astype(np.int32),
-        last=(first + n - 1).astype(np.int32),
-        slope=slope.astype(np.float32),
-        offset=offset.astype(np.float32),
-        signed=signed,
-    )
-    with jax.ensure_compile_time_eval():  # make_codec may first be called under jax.jit
-        values = np.asarray(_magnitude_value(jnp.arange(len(magnitudes)), codec))
-    np.testing.assert_allclose(values, magnitudes, rtol=1e-6)  # the affine pieces are the map
-    return codec._replace(magnitudes=values)
-
-
-def _select(a: jax.Array, thresholds: np.ndarray, values: np.ndarray) -> jax.Array:
-    """``values[r]`` where ``r`` is the last region with ``a >= thresholds[r]`` (or 0)."""
-    out = jnp.full(a.shape, values[0])
-    for t, v in zip(thresholds[1:], values[1:], strict=True):
-        out = jnp.where(a >= t, v, out)
-    return out
-
-
-def _nearest_magnitude(a: jax.Array, codec: Codec) -> jax.Array:
-    """Index (int32) of the magnitude nearest to each ``a`` in [0, 1] (no table look-ups)."""
-    t = codec.thresholds[:-1]
-    j = jnp.floor(a * _select(a, t, codec.gain) - _select(a, t, codec.shift)).astype(jnp.int32)
-    # No lower clip: each decade starts (thresholds) above its first bin's lower edge.
-    j = jnp.minimum(j, _select(a, t, codec.last))
-    j = jnp.where(a < codec.thresholds[0], 0, j)
-    return jnp.where(a >= codec.thresholds[-1], int(codec.last[-1]) + 1, j)
-
-
-def _magnitude_value(j: jax.Array, codec: Codec) -> jax.Array:
-    """The magnitude (float32) of index ``j`` (int32); the inverse of :func:`_nearest_magnitude`."""
-    top = int(codec.last[-1]) + 1
-    value = _select(j, codec.first, codec.slope) * (j - _select(j, codec.first, codec.offset))
-    return jnp.where(j == 0, 0.0, jnp.where(j >= top, 1.0, value))
 
 
 def check_block_size(block_size: int, name: str = "block_size") -> int:
@@ -223,8 +115,20 @@ def quantize(x: jax.Array, block_size: int, *, signed: bool) -> BlockQuantized:
     return encode_blocks(blocks, signed=signed)
 
 
-def encode_blocks(blocks: jax.Array, *, signed: bool) -> BlockQuantized:
+def encode_blocks(
+    blocks: jax.Array, *, signed: bool, valid: jax.Array | None = None
+) -> BlockQuantized:
     """:func:`quantize` of an array already shaped ``(n_blocks, block_size)`` (float32).
+
+    Args:
+        blocks: float32 values, shape ``(n_blocks, block_size)``.
+        signed: use the signed map (int8 codes) or the unsigned one (uint8 codes).
+        valid: which elements count for the scale (boolean, the shape of
+            ``blocks``); default: the finite ones. The others saturate (module
+            docstring).
+
+    Returns:
+        :class:`BlockQuantized`; every scale is finite.
 
     Example:
         >>> import jax.numpy as jnp
@@ -232,33 +136,50 @@ def encode_blocks(blocks: jax.Array, *, signed: bool) -> BlockQuantized:
         >>> q.scale, decode_blocks(q, signed=True).round(4)  # -0.5 -> -(0.1 + 0.9·28.5/64)
         (Array([1., 0.], dtype=float32), Array([[ 1.    , -0.5008],
                [ 0.    ,  0.    ]], dtype=float32))
+        >>> q = encode_blocks(jnp.array([[0.5, jnp.inf, jnp.nan, -jnp.inf]]), signed=True)
+        >>> q.scale, decode_blocks(q, signed=True).round(4)  # the finite 0.5 sets the scale
+        (Array([0.5], dtype=float32), Array([[ 0.5   ,  0.5   ,  0.    , -0.4965]], dtype=float32))
+    """
+    valid = jnp.isfinite(blocks) if valid is None else valid
+    scale = jnp.max(jnp.where(valid, jnp.abs(blocks), 0.0), axis=1, initial=0.0)
+    return BlockQuantized(encode_with_scale(blocks, scale, valid, signed=signed), scale)
+
+
+def encode_with_scale(
+    blocks: jax.Array,
+    scale: jax.Array,
+    valid: jax.Array,
+    *,
+    signed: bool,
+    by_rule: bool = False,
+) -> jax.Array:
+    """The codes of ``blocks`` (float32, ``(n_blocks, block_size)``) for the given ``scale``.
+
+    ``scale`` (``(n_blocks,)``) is the absolute maximum of each block's ``valid``
+    elements (:func:`encode_blocks` computes it); invalid elements saturate (module
+    docstring). Elementwise given the scales, so a fused kernel can compute the
+    scales first and encode in a second sweep over data in cache. ``by_rule``: find
+    the codes with :func:`~functional_adam.storage.codec.nearest_index_by_rule`
+    (the same codes; faster to run on a CPU, slower to compile) instead of the tables.
     """
     codec = make_codec(signed)
-    # max(max x, -min x): plain reductions, which XLA:CPU runs faster than max |x|.
-    scale = jnp.max(blocks, axis=1, initial=0.0)
-    if signed:
-        scale = jnp.maximum(scale, -jnp.min(blocks, axis=1, initial=0.0))
-    inverse = jnp.where(scale > 0, 1 / scale, 0.0)
-    index = _nearest_magnitude(jnp.abs(blocks) * inverse[:, None], codec)
+    inverse = jnp.where(scale > 0, 1 / scale, 0.0)[:, None]
+    saturated = jnp.where(jnp.isnan(blocks), 0.0, 1.0) if signed else 1.0
+    a = jnp.where(valid, jnp.abs(blocks) * inverse, saturated)
+    index = (nearest_index_by_rule if by_rule else nearest_index)(a, codec)
     if not signed:
-        return BlockQuantized(index.astype(jnp.uint8), scale)
-    top = int(codec.last[-1])  # -1 is not in the map: negatives stop at the largest centre
+        return index.astype(jnp.uint8)
+    top = len(codec.magnitudes) - 2  # -1 is not in the map: negatives stop at the largest centre
     code = jnp.where(blocks < 0, -jnp.minimum(index, top), index)
-    code = jax.lax.bitcast_convert_type((code & 0xFF).astype(jnp.uint8), jnp.int8)
-    return BlockQuantized(code, scale)
+    return jax.lax.bitcast_convert_type((code & 0xFF).astype(jnp.uint8), jnp.int8)
 
 
 def decode_blocks(q: BlockQuantized, *, signed: bool) -> jax.Array:
     """The float32 values of ``q``, shaped ``(n_blocks, block_size)`` like its codes."""
-    codec = make_codec(signed)
-    codes = q.codes.astype(jnp.int32)
-    magnitude = _magnitude_value(jnp.abs(codes), codec) * q.scale[:, None]
-    if not signed:
-        return magnitude
-    return jnp.where((codes < 0) & (codes > -128), -magnitude, magnitude)
+    return decode_codes(q.codes, make_codec(signed)) * q.scale[:, None]
 
 
-def encode_second_moment(v: jax.Array) -> BlockQuantized:
+def encode_second_moment(v: jax.Array, valid: jax.Array | None = None) -> BlockQuantized:
     """``v`` (``(n, block_size)`` blocks, >= 0) stored as the unsigned codes of ``sqrt(v)``.
 
     Two departures from storing ``v`` itself, both against the "zero-point
@@ -268,7 +189,8 @@ def encode_second_moment(v: jax.Array) -> BlockQuantized:
     smallest code is ``3.25e-7`` of the block maximum, gradients 2,500 times
     smaller than the block's largest were lost; ``sqrt(v)`` keeps them down to
     ``3.25e-7``), and a positive value is never rounded to 0 but to the smallest
-    code (which can only shrink the step).
+    code (which can only shrink the step). ``valid`` is as in :func:`encode_blocks`:
+    an invalid (or infinite, or NaN) ``v`` saturates to the block's largest.
 
     Example:
         >>> import jax.numpy as jnp
@@ -278,9 +200,19 @@ def encode_second_moment(v: jax.Array) -> BlockQuantized:
         >>> decode_second_moment(q).round(4)  # 1 -> (2·(0.1 + 0.9·56.5/128))² (bin 56)
         Array([[4.    , 0.9891, 0.    , 0.    ]], dtype=float32)
     """
+    valid = jnp.isfinite(v) if valid is None else valid
+    # max sqrt(v) is sqrt(max v) (sqrt is monotonic and correctly rounded): one sqrt per block.
+    scale = jnp.sqrt(jnp.max(jnp.where(valid, v, 0.0), axis=1, initial=0.0))
+    return BlockQuantized(encode_second_moment_with_scale(v, scale, valid), scale)
+
+
+def encode_second_moment_with_scale(
+    v: jax.Array, scale: jax.Array, valid: jax.Array, *, by_rule: bool = False
+) -> jax.Array:
+    """The codes of :func:`encode_second_moment` for ``scale = sqrt(max v)`` over the valid ``v``."""
     root = jnp.sqrt(v)
-    q = encode_blocks(root, signed=False)
-    return q._replace(codes=jnp.where((root > 0) & (q.codes == 0), jnp.uint8(1), q.codes))
+    codes = encode_with_scale(root, scale, valid, signed=False, by_rule=by_rule)
+    return jnp.where((root > 0) & (codes == 0), jnp.uint8(1), codes)
 
 
 def decode_second_moment(q: BlockQuantized) -> jax.Array:

@@ -1,0 +1,501 @@
+// One fused 8-bit Adam(W) step over any number of float32 leaves, for XLA:CPU through jax.ffi.
+//
+// Each leaf is θ, g and two block-quantized moments (functional_adam.storage.quantized):
+// int8 codes of m and uint8 codes of sqrt(v), one float32 absmax per block. For each
+// block, in one pass over the block that keeps its float32 moments in L1:
+//
+//   m̃, ṽ = decode(codes) · scale            (ṽ = (decode · scale)²)
+//   m = (1 - b1) g + b1 m̃                   v = (1 - b2) g² + b2 ṽ
+//   θ = θ + (-lr) (m̂ / (sqrt(v̂ + eps_root) + eps) [+ wd θ])     (as adam_cpu.cc)
+//   scale = max |m| over the valid elements, sqrt(max v) likewise (valid: m and v finite)
+//   codes = encode(m / scale), encode(sqrt(v) / scale)              (invalid ones saturate)
+//
+// The codec is functional_adam.storage.codec's rule, computed arithmetically: decode
+// (k - offset[d]) · slope[d] with d from k's leading zeros; encode r = #{thresholds <= a},
+// k = min(floor(fma(a, gain[r], -shift[r])), last[r]). The constants arrive in `consts`.
+// Fused multiply-adds are placed where XLA:CPU places them in the jax.numpy path, so the
+// moments and the codes equal that path's; θ differs from it by an ulp or two where XLA
+// divides by the bias corrections and this kernel multiplies by their reciprocals.
+// Everything is updated in place (the Python side aliases each result to its operand).
+// Blocks are shared out in chunks over all leaves together on XLA's intra-op thread pool.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512CD__)
+#include <immintrin.h>
+#define FA_AVX512 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Order of the entries of `scalars` (KernelScalars in adam_cpu.py).
+enum Scalar { kB1, kOneMinusB1, kB2, kOneMinusB2, kEps, kEpsRoot, kInvBc1, kInvBc2, kInvBc1Next,
+              kNegLr, kWd, kNumScalars };
+
+// Layout of one map's constants in `consts` (codec_constants in adam8_cpu.py): six tables
+// of 16, then two of 32 indexed by the low 5 bits of a's biased exponent (for a >= 2^-24):
+// the region at the start of that binade, and the next threshold within it (or inf).
+enum Table { kThresholds, kGain, kShift, kLast, kSlope, kOffset, kNumTables };
+constexpr int kTableSize = 16;
+constexpr int kBinades = 32;
+constexpr int kMapSize = kNumTables * kTableSize + 2 * kBinades;  // signed map, then unsigned
+constexpr int kRegions = 8;                        // thresholds in use (regions 0..8)
+constexpr int kMaxBlock = 4096;                    // largest block kept on the stack
+constexpr int64_t kBlocksPerChunk = 64;            // blocks per unit of work (or fewer if large)
+constexpr int64_t kPrefetchAhead = 4;              // blocks
+
+struct Map {
+  float thresholds[kTableSize], gain[kTableSize], shift[kTableSize], slope[kTableSize],
+      offset[kTableSize], next[kBinades];
+  int32_t last[kTableSize], region[kBinades];
+};
+
+Map ReadMap(const float* c) {
+  Map map;
+  for (int i = 0; i < kTableSize; ++i) {
+    map.thresholds[i] = c[kThresholds * kTableSize + i];
+    map.gain[i] = c[kGain * kTableSize + i];
+    map.shift[i] = c[kShift * kTableSize + i];
+    map.last[i] = static_cast<int32_t>(c[kLast * kTableSize + i]);
+    map.slope[i] = c[kSlope * kTableSize + i];
+    map.offset[i] = c[kOffset * kTableSize + i];
+  }
+  for (int i = 0; i < kBinades; ++i) {
+    map.region[i] = static_cast<int32_t>(c[kNumTables * kTableSize + i]);
+    map.next[i] = c[kNumTables * kTableSize + kBinades + i];
+  }
+  return map;
+}
+
+struct Params {
+  float b1, omb1, b2, omb2, eps, eps_root, inv_bc1, inv_bc2, inv_bc1_next, neg_lr, wd;
+};
+
+struct Leaf {
+  const float* p_in;
+  const float* g;
+  const int8_t* m_in;
+  const float* ms_in;
+  const uint8_t* v_in;
+  const float* vs_in;
+  float* p;
+  int8_t* m;
+  float* ms;
+  uint8_t* v;
+  float* vs;
+  int64_t size;
+  int64_t block;
+  bool decay;
+};
+
+// ---- scalar codec and step: the reference, and the path for machines without AVX-512 ----
+
+inline float DecodeScalar(int32_t k, int32_t d, const Map& map) {
+  const int i = d & 15;
+  return (static_cast<float>(k) - map.offset[i]) * map.slope[i];
+}
+
+inline float DecodeSigned(int8_t code, const Map& map) {
+  const int32_t c = code, k = c < 0 ? -c : c;
+  const float value = DecodeScalar(k, k ? 31 - __builtin_clz(k) : -1, map);
+  return (c < 0 && c != -128) ? -value : value;
+}
+
+inline float DecodeUnsigned(uint8_t code, const Map& map) {
+  const int32_t k = code;
+  return DecodeScalar(k, 30 - __builtin_clz(k + 1), map);
+}
+
+inline int32_t IndexScalar(float a, const Map& map) {
+  int r = 0;
+  for (int t = 0; t < kRegions; ++t) r += a >= map.thresholds[t];
+  const float y = std::fma(a, map.gain[r], -map.shift[r]);
+  return std::min(static_cast<int32_t>(std::floor(y)), map.last[r]);
+}
+
+inline bool Finite(float x) { return std::isfinite(x); }
+
+// Multiply-adds are explicit (std::fma, _mm512_fmadd_ps) wherever XLA:CPU contracts the
+// same expression, so that both code paths round alike whatever the compiler contracts.
+template <bool kNesterov>
+inline float Direction(const Params& s, float g, float m, float v) {
+  float m_hat;
+  if constexpr (kNesterov) {
+    m_hat = std::fma(s.omb1, g * s.inv_bc1, s.b1 * (m * s.inv_bc1_next));
+  } else {
+    m_hat = m * s.inv_bc1;
+  }
+  return m_hat / (std::sqrt(std::fma(v, s.inv_bc2, s.eps_root)) + s.eps);
+}
+
+template <bool kNesterov>
+void BlockScalar(const Params& s, const Map& mm, const Map& vm, const Leaf& x, int64_t b) {
+  float M[kMaxBlock], V[kMaxBlock];
+  const int64_t start = b * x.block, count = std::min(x.block, x.size - start);
+  const float sm = x.ms_in[b], sv = x.vs_in[b];
+  float m_max = 0.0f, v_max = 0.0f;
+  for (int64_t i = 0; i < x.block; ++i) {
+    const float g = i < count ? x.g[start + i] : 0.0f;  // the final block's padding: g = 0
+    const float md = DecodeSigned(x.m_in[start + i], mm) * sm;
+    const float t = DecodeUnsigned(x.v_in[start + i], vm) * sv;
+    const float m = std::fma(s.omb1, g, s.b1 * md);
+    const float v = std::fma(s.omb2, g * g, s.b2 * (t * t));
+    M[i] = m;
+    V[i] = v;
+    if (Finite(m) && Finite(v)) {
+      m_max = std::max(m_max, std::fabs(m));
+      v_max = std::max(v_max, v);
+    }
+    if (i < count) {
+      const float p = x.p_in[start + i];
+      float u = Direction<kNesterov>(s, g, m, v);
+      if (x.decay) u = std::fma(s.wd, p, u);
+      x.p[start + i] = std::fma(s.neg_lr, u, p);
+    }
+  }
+  const float m_scale = m_max, v_scale = std::sqrt(v_max);
+  const float m_inv = m_scale > 0 ? 1.0f / m_scale : 0.0f;
+  const float v_inv = v_scale > 0 ? 1.0f / v_scale : 0.0f;
+  const int32_t top = mm.last[kRegions] - 1;  // the signed map holds +1 but not -1
+  for (int64_t i = 0; i < x.block; ++i) {
+    const float m = M[i], v = V[i], root = std::sqrt(v);
+    const bool valid = Finite(m) && Finite(v);
+    const float am = valid ? std::fabs(m) * m_inv : (std::isnan(m) ? 0.0f : 1.0f);
+    const float av = valid ? root * v_inv : 1.0f;
+    const int32_t km = IndexScalar(am, mm);
+    int32_t kv = IndexScalar(av, vm);
+    if (root > 0 && kv == 0) kv = 1;  // a positive v never gets the zero code
+    x.m[start + i] = static_cast<int8_t>(m < 0 ? -std::min(km, top) : km);
+    x.v[start + i] = static_cast<uint8_t>(kv);
+  }
+  x.ms[b] = m_scale;
+  x.vs[b] = v_scale;
+}
+
+// Asks for the cache lines of the elements [at, at + n) of a leaf (those that exist), so
+// that loads are in flight while the core works on the blocks before them.
+inline void Prefetch(const Leaf& x, int64_t at, int64_t n) {
+  const int64_t end = std::min(at + n, x.size);
+  for (int64_t k = at; k < end; k += 16) {
+    __builtin_prefetch(x.g + k, 0, 3);
+    __builtin_prefetch(x.p_in + k, 1, 3);
+  }
+  for (int64_t k = at; k < end; k += 64) {
+    __builtin_prefetch(x.m_in + k, 1, 3);
+    __builtin_prefetch(x.v_in + k, 1, 3);
+  }
+}
+
+#ifdef FA_AVX512
+// ---- AVX-512: the same arithmetic, 16 elements at a time ----
+
+// The decode tables are indexed by the low 4 bits of lzcnt(k) (signed map) or lzcnt(k + 1)
+// (unsigned), which pick the decade without a subtraction; the signed map's top entry
+// decodes to -1, so that flipping by the code's sign bit gives +1 for code -128.
+struct MapV {
+  __m512 gain, shift, slope, offset, next_lo, next_hi;
+  __m512i last, region_lo, region_hi, largest_negative;  // the signed map holds +1, not -1
+};
+
+MapV Vectors(const Map& map, bool is_signed) {
+  MapV v;
+  float slope[kTableSize], offset[kTableSize];
+  for (int slot = 0; slot < kTableSize; ++slot) {
+    const int d = is_signed ? (slot >= 8 ? 15 - slot : -1) : (slot >= 7 ? 14 - slot : -1);
+    slope[slot] = (is_signed && d == 7 ? -1.0f : 1.0f) * map.slope[d & 15];
+    offset[slot] = map.offset[d & 15];
+  }
+  v.region_lo = _mm512_loadu_si512(map.region);
+  v.region_hi = _mm512_loadu_si512(map.region + 16);
+  v.next_lo = _mm512_loadu_ps(map.next);
+  v.next_hi = _mm512_loadu_ps(map.next + 16);
+  v.gain = _mm512_loadu_ps(map.gain);
+  v.shift = _mm512_loadu_ps(map.shift);
+  v.slope = _mm512_loadu_ps(slope);
+  v.offset = _mm512_loadu_ps(offset);
+  v.last = _mm512_loadu_si512(map.last);
+  v.largest_negative = _mm512_set1_epi32(map.last[kRegions] - 1);
+  return v;
+}
+
+inline __m512 DecodeV(__m512i k, __m512i d, const MapV& map) {
+  const __m512 slope = _mm512_permutexvar_ps(d, map.slope);
+  const __m512 offset = _mm512_permutexvar_ps(d, map.offset);
+  return _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(k), offset), slope);
+}
+
+inline __m512 DecodeSignedV(const int8_t* codes, const MapV& map) {
+  const __m512i c = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  const __m512i k = _mm512_abs_epi32(c);
+  const __m512 magnitude = DecodeV(k, _mm512_lzcnt_epi32(k), map);
+  // magnitude ^ (c & sign bit): negative codes flip the sign (code -128: -1 becomes +1).
+  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(
+      _mm512_castps_si512(magnitude), c, _mm512_set1_epi32(INT32_MIN), 0x78));
+}
+
+inline __m512 DecodeUnsignedV(const uint8_t* codes, const MapV& map) {
+  const __m512i k = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  return DecodeV(k, _mm512_lzcnt_epi32(_mm512_add_epi32(k, _mm512_set1_epi32(1))), map);
+}
+
+// The region r = #{thresholds <= a} from a's binade: each binade holds at most one threshold,
+// so r is the region at the binade's start, plus one past the binade's threshold.
+inline __m512i IndexV(__m512 a, const MapV& map) {
+  const __m512 floor = _mm512_set1_ps(0x1p-24f);  // smaller a are all in region 0
+  const __m512i binade = _mm512_srli_epi32(_mm512_castps_si512(_mm512_max_ps(a, floor)), 23);
+  __m512i r = _mm512_permutex2var_epi32(map.region_lo, binade, map.region_hi);
+  const __m512 next = _mm512_permutex2var_ps(map.next_lo, binade, map.next_hi);
+  r = _mm512_mask_add_epi32(r, _mm512_cmp_ps_mask(a, next, _CMP_GE_OQ), r, _mm512_set1_epi32(1));
+  const __m512 y = _mm512_fmsub_ps(a, _mm512_permutexvar_ps(r, map.gain),
+                                   _mm512_permutexvar_ps(r, map.shift));
+  const __m512i k = _mm512_cvt_roundps_epi32(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  return _mm512_min_epi32(k, _mm512_permutexvar_epi32(r, map.last));
+}
+
+inline __mmask16 ValidV(__m512 m, __m512 v) {
+  constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;  // QNaN, +inf, -inf, SNaN
+  return static_cast<__mmask16>(~(_mm512_fpclass_ps_mask(m, kNonFinite) |
+                                  _mm512_fpclass_ps_mask(v, kNonFinite)));
+}
+
+template <bool kNesterov>
+inline __m512 DirectionV(const Params& s, __m512 g, __m512 m, __m512 v) {
+  __m512 m_hat;
+  if constexpr (kNesterov) {
+    m_hat = _mm512_fmadd_ps(
+        _mm512_set1_ps(s.omb1), _mm512_mul_ps(g, _mm512_set1_ps(s.inv_bc1)),
+        _mm512_mul_ps(_mm512_set1_ps(s.b1), _mm512_mul_ps(m, _mm512_set1_ps(s.inv_bc1_next))));
+  } else {
+    m_hat = _mm512_mul_ps(m, _mm512_set1_ps(s.inv_bc1));
+  }
+  const __m512 root = _mm512_sqrt_ps(
+      _mm512_fmadd_ps(v, _mm512_set1_ps(s.inv_bc2), _mm512_set1_ps(s.eps_root)));
+  return _mm512_div_ps(m_hat, _mm512_add_ps(root, _mm512_set1_ps(s.eps)));
+}
+
+template <bool kNesterov>
+void BlockVector(const Params& s, const MapV& mm, const MapV& vm, const Leaf& x, int64_t b) {
+  alignas(64) float M[kMaxBlock];
+  alignas(64) float V[kMaxBlock];
+  __mmask16 valids[kMaxBlock / 16];
+  const int64_t start = b * x.block, count = std::min(x.block, x.size - start);
+  const __m512 sm = _mm512_set1_ps(x.ms_in[b]), sv = _mm512_set1_ps(x.vs_in[b]);
+  const __m512 b1 = _mm512_set1_ps(s.b1), omb1 = _mm512_set1_ps(s.omb1);
+  const __m512 b2 = _mm512_set1_ps(s.b2), omb2 = _mm512_set1_ps(s.omb2);
+  const __m512 wd = _mm512_set1_ps(s.wd), neg_lr = _mm512_set1_ps(s.neg_lr);
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  __m512 m_max = _mm512_setzero_ps(), v_max = _mm512_setzero_ps();
+  Prefetch(x, start + kPrefetchAhead * x.block, x.block);
+  for (int64_t i = 0; i < x.block; i += 16) {
+    const int64_t left = count - i;
+    const __mmask16 real = left >= 16 ? 0xFFFF : (left > 0 ? (1u << left) - 1 : 0);
+    const __m512 g = _mm512_maskz_loadu_ps(real, x.g + start + i);
+    const __m512 md = _mm512_mul_ps(DecodeSignedV(x.m_in + start + i, mm), sm);
+    const __m512 t = _mm512_mul_ps(DecodeUnsignedV(x.v_in + start + i, vm), sv);
+    const __m512 m = _mm512_fmadd_ps(omb1, g, _mm512_mul_ps(b1, md));
+    const __m512 v = _mm512_fmadd_ps(omb2, _mm512_mul_ps(g, g), _mm512_mul_ps(b2, _mm512_mul_ps(t, t)));
+    _mm512_store_ps(M + i, m);
+    _mm512_store_ps(V + i, v);
+    const __mmask16 valid = ValidV(m, v);
+    valids[i / 16] = valid;
+    m_max = _mm512_mask_max_ps(m_max, valid, m_max, _mm512_andnot_ps(sign, m));
+    v_max = _mm512_mask_max_ps(v_max, valid, v_max, v);
+    if (real) {
+      const __m512 p = _mm512_maskz_loadu_ps(real, x.p_in + start + i);
+      __m512 u = DirectionV<kNesterov>(s, g, m, v);
+      if (x.decay) u = _mm512_fmadd_ps(wd, p, u);
+      _mm512_mask_storeu_ps(x.p + start + i, real, _mm512_fmadd_ps(neg_lr, u, p));
+    }
+  }
+  const float m_scale = _mm512_reduce_max_ps(m_max);
+  const float v_scale = std::sqrt(_mm512_reduce_max_ps(v_max));
+  const __m512 m_inv = _mm512_set1_ps(m_scale > 0 ? 1.0f / m_scale : 0.0f);
+  const __m512 v_inv = _mm512_set1_ps(v_scale > 0 ? 1.0f / v_scale : 0.0f);
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < x.block; i += 16) {
+    const __m512 m = _mm512_load_ps(M + i), v = _mm512_load_ps(V + i);
+    const __m512 root = _mm512_sqrt_ps(v);
+    const __mmask16 valid = valids[i / 16];
+    __m512 am = _mm512_mul_ps(_mm512_andnot_ps(sign, m), m_inv);
+    __m512 av = _mm512_mul_ps(root, v_inv);
+    if (valid != 0xFFFF) [[unlikely]] {  // invalid elements saturate (NaN m: to 0)
+      const __mmask16 nan = _mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q);
+      am = _mm512_mask_mov_ps(am, ~valid, _mm512_mask_mov_ps(one, nan, zero));
+      av = _mm512_mask_mov_ps(av, ~valid, one);
+    }
+    const __m512i km = IndexV(am, mm);
+    __m512i kv = IndexV(av, vm);
+    // A positive v never gets the zero code: kv = max(kv, v > 0) (v >= 0, so its bits order it).
+    kv = _mm512_max_epi32(kv, _mm512_min_epu32(_mm512_castps_si512(v), _mm512_set1_epi32(1)));
+    const __mmask16 negative = _mm512_cmp_ps_mask(m, zero, _CMP_LT_OQ);
+    const __m512i cm = _mm512_mask_sub_epi32(km, negative, _mm512_setzero_si512(),
+                                             _mm512_min_epi32(km, mm.largest_negative));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(x.m + start + i), _mm512_cvtepi32_epi8(cm));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(x.v + start + i), _mm512_cvtepi32_epi8(kv));
+  }
+  x.ms[b] = m_scale;
+  x.vs[b] = v_scale;
+}
+#endif  // FA_AVX512
+
+struct Work {
+  std::vector<Leaf> leaves;
+  std::vector<int64_t> starts;  // global index of each leaf's first block, plus the total
+  Params params;
+  Map m_map, v_map;
+  bool nesterov, simd;
+  int64_t chunk_blocks, num_chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  template <bool kNesterov>
+  void Blocks(const Leaf& x, int64_t lo, int64_t hi) {
+#ifdef FA_AVX512
+    if (simd && x.block % 16 == 0) {
+      const MapV mm = Vectors(m_map, true), vm = Vectors(v_map, false);
+      for (int64_t b = lo; b < hi; ++b) BlockVector<kNesterov>(params, mm, vm, x, b);
+      return;
+    }
+#endif
+    for (int64_t b = lo; b < hi; ++b) BlockScalar<kNesterov>(params, m_map, v_map, x, b);
+  }
+
+  // Takes chunks until none is left; returns after the last chunk it took is written.
+  void Run() {
+    for (int64_t c = next.fetch_add(1); c < num_chunks; c = next.fetch_add(1)) {
+      const int64_t lo = c * chunk_blocks, hi = std::min(lo + chunk_blocks, starts.back());
+      auto it = std::upper_bound(starts.begin(), starts.end(), lo) - 1;
+      for (size_t k = it - starts.begin(); k < leaves.size() && starts[k] < hi; ++k) {
+        const int64_t a = std::max(lo, starts[k]) - starts[k];
+        const int64_t b = std::min(hi, starts[k + 1]) - starts[k];
+        if (a >= b) continue;
+        nesterov ? Blocks<true>(leaves[k], a, b) : Blocks<false>(leaves[k], a, b);
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error Invalid(const std::string& what) {
+  return ffi::Error::InvalidArgument("functional_adam 8-bit adam kernel: " + what);
+}
+
+// Checks one leaf's operands (θ, g, m codes, m scales, v codes, v scales) and results.
+ffi::Error ReadLeaf(ffi::RemainingArgs& args, ffi::RemainingRets& rets, size_t k, bool decay,
+                    Leaf* leaf) {
+  constexpr ffi::DataType kTypes[6] = {ffi::F32, ffi::F32, ffi::S8, ffi::F32, ffi::U8, ffi::F32};
+  void* in[6];
+  int64_t count[6];
+  for (int j = 0; j < 6; ++j) {
+    auto buffer = args.get<ffi::AnyBuffer>(6 * k + j);
+    if (!buffer.has_value() || buffer->element_type() != kTypes[j]) return Invalid("operand dtype");
+    in[j] = buffer->untyped_data();
+    count[j] = static_cast<int64_t>(buffer->element_count());
+  }
+  constexpr int kOut[5] = {0, 2, 3, 4, 5};  // results: θ, m codes, m scales, v codes, v scales
+  void* out[5];
+  for (int j = 0; j < 5; ++j) {
+    auto buffer = rets.get<ffi::AnyBuffer>(5 * k + j);
+    if (!buffer.has_value() || (*buffer)->element_type() != kTypes[kOut[j]] ||
+        static_cast<int64_t>((*buffer)->element_count()) != count[kOut[j]]) {
+      return Invalid("result dtype or size");
+    }
+    out[j] = (*buffer)->untyped_data();
+  }
+  const int64_t blocks = count[3];
+  const int64_t block = blocks ? count[2] / blocks : 1;
+  if (count[1] != count[0] || count[4] != count[2] || count[5] != blocks ||
+      block * blocks != count[2] || block > kMaxBlock || count[0] > block * blocks ||
+      count[0] <= block * (blocks - 1)) {
+    return Invalid("operand sizes do not match one leaf's blocks (block size <= 4096)");
+  }
+  *leaf = {static_cast<const float*>(in[0]),   static_cast<const float*>(in[1]),
+           static_cast<const int8_t*>(in[2]),  static_cast<const float*>(in[3]),
+           static_cast<const uint8_t*>(in[4]), static_cast<const float*>(in[5]),
+           static_cast<float*>(out[0]),        static_cast<int8_t*>(out[1]),
+           static_cast<float*>(out[2]),        static_cast<uint8_t*>(out[3]),
+           static_cast<float*>(out[4]),        count[0],
+           block,                              decay};
+  return ffi::Error::Success();
+}
+
+ffi::Error Adam8Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 1> scalars,
+                     ffi::Buffer<ffi::F32, 1> consts, ffi::RemainingArgs args,
+                     ffi::RemainingRets rets, ffi::Span<const int64_t> decay, bool nesterov,
+                     bool simd) {
+  const size_t num_leaves = decay.size();
+  if (scalars.element_count() != kNumScalars) return Invalid("expected 11 scalars");
+  if (consts.element_count() != 2 * kMapSize) return Invalid("expected 320 codec constants");
+  if (args.size() != 6 * num_leaves || rets.size() != 5 * num_leaves) {
+    return Invalid("expected 6 operands and 5 results per leaf");
+  }
+  auto work = std::make_shared<Work>();
+  const float* s = scalars.typed_data();
+  work->params = {s[kB1],      s[kOneMinusB1], s[kB2],      s[kOneMinusB2],
+                  s[kEps],     s[kEpsRoot],    s[kInvBc1],  s[kInvBc2],
+                  s[kInvBc1Next], s[kNegLr],   s[kWd]};
+  work->m_map = ReadMap(consts.typed_data());
+  work->v_map = ReadMap(consts.typed_data() + kMapSize);
+  work->nesterov = nesterov;
+  work->simd = simd;
+  work->starts.push_back(0);
+  int64_t largest = 1;
+  for (size_t k = 0; k < num_leaves; ++k) {
+    Leaf leaf;
+    if (ffi::Error error = ReadLeaf(args, rets, k, decay[k] != 0, &leaf); error.failure()) {
+      return error;
+    }
+    work->leaves.push_back(leaf);
+    work->starts.push_back(work->starts.back() + (leaf.block ? (leaf.size + leaf.block - 1) / leaf.block : 0));
+    largest = std::max(largest, leaf.block);
+  }
+  work->chunk_blocks = std::max<int64_t>(1, kBlocksPerChunk * 256 / largest);
+  work->num_chunks = (work->starts.back() + work->chunk_blocks - 1) / work->chunk_blocks;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, work->num_chunks - 1);
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([work] { work->Run(); });  // a helper that starts late finds no chunk left
+  }
+  work->Run();
+  while (work->done.load(std::memory_order_acquire) < work->num_chunks) {
+    std::this_thread::yield();
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define FA8_BIND                                  \
+  ffi::Ffi::Bind()                                \
+      .Ctx<ffi::ThreadPool>()                     \
+      .Arg<ffi::Buffer<ffi::F32, 1>>()            \
+      .Arg<ffi::Buffer<ffi::F32, 1>>()            \
+      .RemainingArgs()                            \
+      .RemainingRets()                            \
+      .Attr<ffi::Span<const int64_t>>("decay")    \
+      .Attr<bool>("nesterov")                     \
+      .Attr<bool>("simd")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FunctionalAdam8bitStepF32, Adam8Step, FA8_BIND);
+
+// Whether this build has the AVX-512 code (without it the kernel runs its scalar reference
+// code, slower than XLA's own loops, so the Python side does not dispatch to it).
+extern "C" int FunctionalAdam8bitSimd() {
+#ifdef FA_AVX512
+  return 1;
+#else
+  return 0;
+#endif
+}

@@ -1,0 +1,174 @@
+"""8-bit Adam and AdamW as a chain that ``update_and_apply`` runs in one kernel pass.
+
+:func:`adam8_chain` builds ``chain(scale_by_adam_8bit, [add_decayed_weights],
+scale_by_learning_rate)`` and, with it, the step that computes the same chain and
+the parameter update in one pass: on one CPU device the C++ kernels (8-bit
+leaves: :mod:`functional_adam.kernels.adam8_cpu`; leaves below ``min_8bit_size``,
+which keep float32 moments: :mod:`functional_adam.kernels.adam_cpu`), on one GPU
+the Pallas kernel (:mod:`functional_adam.kernels.adam8_gpu`; the float32-moment
+leaves in ``jax.numpy``). They share the chain's state, so they can alternate;
+the codes and scales equal the chain's and the parameters are within a few ulps
+(``tests/test_native_8bit.py``, ``tests/test_pallas_8bit.py``).
+
+The kernel step applies where every parameter and gradient is float32, every
+plain moment float32, every hyperparameter a scalar, and there is one device: a
+CPU whose kernel was built with its AVX-512 code (its scalar code, for other
+CPUs, is slower than XLA's loops), or a GPU; anything else takes the chain,
+which also gives the errors for bad input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from functional_adam.core.base import GradientTransformation, ScalarOrSchedule, chain
+from functional_adam.core.numerics import safe_increment
+from functional_adam.kernels import adam8_cpu, adam_cpu, build
+from functional_adam.kernels.dispatch import fusable
+from functional_adam.kernels.fused_adam import cpu_kernel_applies, decay_rate
+from functional_adam.optimizers.adam import bias_corrections
+from functional_adam.storage.quantized import BlockQuantized
+from functional_adam.transforms.learning_rate import scale_by_learning_rate
+from functional_adam.transforms.weight_decay import add_decayed_weights, decay_flags
+
+_MAX_BLOCK = 4096  # the kernel keeps a block's float32 moments on its stack
+
+
+def _is_f32(x: Any, shape: tuple[int, ...]) -> bool:
+    return getattr(x, "dtype", None) == jnp.float32 and getattr(x, "shape", None) == shape
+
+
+def _fits_blocks(size: int, mu: Any, nu: Any) -> bool:
+    """Whether ``mu``/``nu`` are the int8/uint8 blocks of a leaf of ``size`` elements."""
+    if not (isinstance(mu, BlockQuantized) and isinstance(nu, BlockQuantized)):
+        return False
+    if mu.codes.ndim != 2 or mu.codes.dtype != jnp.int8 or nu.codes.dtype != jnp.uint8:
+        return False
+    blocks, block = mu.codes.shape
+    shapes_match = nu.codes.shape == mu.codes.shape and mu.scale.shape == nu.scale.shape == (
+        blocks,
+    )
+    scales_f32 = mu.scale.dtype == nu.scale.dtype == jnp.float32
+    holds = (blocks - 1) * block < size <= blocks * block or size == blocks == 0
+    return shapes_match and scales_f32 and holds and 0 < block <= _MAX_BLOCK
+
+
+def kernel_leaves(grads: Any, state: Any, params: Any):
+    """``(treedef, leaves)`` with each leaf ``(θ, g, mu, nu)``, or ``None`` if a kernel cannot take them.
+
+    A leaf's ``mu``/``nu`` are either :class:`BlockQuantized` (8-bit) or float32 arrays.
+    """
+    p_leaves, treedef = jax.tree.flatten(params)
+    if not p_leaves or jax.tree.structure(grads) != treedef:
+        return None
+    try:
+        mu, nu = (treedef.flatten_up_to(t) for t in (state.mu, state.nu))
+    except (ValueError, TypeError):
+        return None
+    leaves = list(zip(p_leaves, jax.tree.leaves(grads), mu, nu, strict=True))
+    for p, g, m, v in leaves:
+        if not (_is_f32(p, p.shape) and _is_f32(g, p.shape)):
+            return None
+        plain = _is_f32(m, p.shape) and _is_f32(v, p.shape)
+        if not (plain or _fits_blocks(p.size, m, v)):
+            return None
+    return treedef, leaves
+
+
+def _where() -> str | None:
+    """Where the one-pass step runs: ``"cpu"`` (C++ kernels), ``"gpu"`` (Pallas), or ``None``."""
+    if jax.device_count() != 1:  # the state may be sharded; a kernel call cannot be partitioned
+        return None
+    backend = jax.default_backend()
+    if backend == "cpu":
+        # The kernel's scalar code (CPUs without AVX-512) is slower than XLA's loops.
+        return "cpu" if cpu_kernel_applies() and build.has_8bit_simd() else None
+    return "gpu" if backend == "gpu" else None
+
+
+def _kernel_step(scalars, leaves, flags, nesterov, where):
+    """New ``(θ, mu, nu)`` of every leaf: 8-bit leaves in one kernel, plain ones in another
+    (on a GPU: in ``jax.numpy``, which XLA fuses into one loop per leaf)."""
+    out = [None] * len(leaves)
+    groups = {True: [], False: []}
+    for i, leaf in enumerate(leaves):
+        groups[isinstance(leaf[2], BlockQuantized)].append(i)
+    if where == "gpu":
+        from functional_adam.kernels import adam8_gpu  # imports Pallas: only where it runs
+
+        steps = {
+            True: lambda *args: adam8_gpu.adam8_step(*args, adam8_gpu.INTERPRET),
+            False: adam_cpu.reference_step,
+        }
+    else:
+        steps = {True: adam8_cpu.adam8_step, False: adam_cpu.adam_step}
+    stacked = scalars.stack(jnp.float32)
+    for quantized, index in groups.items():
+        if not index:
+            continue
+        step = steps[quantized]
+        results = step(
+            stacked, [leaves[i] for i in index], tuple(flags[i] for i in index), nesterov
+        )
+        for i, result in zip(index, results, strict=True):
+            out[i] = result
+    return out
+
+
+def adam8_chain(
+    direction: GradientTransformation,
+    state_type: type,
+    *,
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    eps_root: Any,
+    nesterov: bool,
+    learning_rate: ScalarOrSchedule,
+    weight_decay: ScalarOrSchedule | None = None,
+    mask: Any = None,
+) -> GradientTransformation:
+    """``chain(direction, [add_decayed_weights,] scale_by_learning_rate)``, fusable.
+
+    ``direction`` is ``scale_by_adam_8bit`` with these hyperparameters (Optax's
+    convention), whose state is a ``state_type``; ``weight_decay=None`` leaves the
+    decay stage out (Adam).
+    """
+    decay = () if weight_decay is None else (add_decayed_weights(weight_decay, mask),)
+    lr_tx = scale_by_learning_rate(learning_rate)
+    tx = chain(direction, *decay, lr_tx)
+
+    def fused(grads, state, params, **extra_args):
+        del extra_args
+        if not (isinstance(state, tuple) and len(state) == 2 + len(decay)):
+            return None
+        adam_state, *decay_state, lr_state = state
+        where = _where()
+        if not isinstance(adam_state, state_type) or where is None:
+            return None
+        found = kernel_leaves(grads, adam_state, params)
+        if found is None:
+            return None
+        treedef, leaves = found
+        count = safe_increment(adam_state.count)
+        bc = bias_corrections(b1, b2, count)
+        neg_lr, lr_state = lr_tx.update(jnp.ones([], jnp.float32), lr_state)  # exactly -lr
+        rate, flags = 0.0, [False] * len(leaves)
+        if decay:
+            rate, decay_state[0] = decay_rate(weight_decay, decay_state[0])
+            flags = decay_flags(mask, params)
+        scalars = adam_cpu.KernelScalars(
+            b1, 1 - b1, b2, 1 - b2, eps, eps_root,
+            *(1 / jnp.asarray(x).astype(jnp.float32) for x in bc),
+            neg_lr, rate,
+        )  # fmt: skip
+        if any(jnp.ndim(x) != 0 for x in scalars):
+            return None  # per-leaf or vector hyperparameters: the chain broadcasts them
+        out = _kernel_step(scalars, leaves, flags, nesterov, where)
+        new_params, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
+        return new_params, (state_type(count, mu, nu), *decay_state, lr_state)
+
+    return fusable(tx, fused)

@@ -1,0 +1,265 @@
+"""The fused CPU 8-bit Adam kernel behind update_and_apply equals the XLA path, and steps aside."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import functional_adam as fa
+from functional_adam.kernels import adam8_cpu, build
+from functional_adam.storage import quantized as qz
+from tests.trees import assert_within_ulps
+
+TARGET = "functional_adam_adam8_f32"
+
+
+@pytest.fixture(autouse=True)
+def dispatch_to_the_kernel(monkeypatch):
+    """update_and_apply takes the kernel also on a CPU without AVX-512 (its scalar code), so
+    these tests check the kernel on every machine."""
+    monkeypatch.setattr(build, "has_8bit_simd", build.available)
+
+
+ULPS = 8  # of max(|θ before|, |θ after|): the XLA path divides by the bias corrections
+
+
+def _tree(seed=0):
+    """8-bit leaves (one with a padded last block), float32-moment leaves, a masked None."""
+    rng = np.random.default_rng(seed)
+    return {
+        "w": jnp.asarray(rng.normal(size=(64, 100)), jnp.float32),  # 25 blocks, the last padded
+        "emb": jnp.asarray(rng.normal(size=8192), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=100), jnp.float32),  # below min_8bit_size
+        "none": None,
+    }
+
+
+def _grads(params, seed, bad=None):
+    """Gradients over eight decades of magnitude; ``bad`` (inf, NaN, 1e20) in a few elements."""
+    rng = np.random.default_rng(seed)
+
+    def one(p):
+        g = rng.normal(size=p.shape) * np.exp(rng.uniform(-12, 2, p.shape))
+        if bad is not None and p.size > 1000:
+            g.reshape(-1)[[3, 700, 701]] = bad
+        return jnp.asarray(g, jnp.float32)
+
+    return jax.tree.map(one, params)
+
+
+CONFIGS = {
+    "adam_8bit": lambda: fa.adam_8bit(1e-2),
+    "adamw_8bit_mask_schedule": lambda: fa.adamw_8bit(
+        optax.cosine_decay_schedule(1e-2, 50),
+        weight_decay=lambda count: 0.01 * (count + 1),
+        mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
+    ),
+    "nadam_8bit_block_64": lambda: fa.adam_8bit(3e-3, b1=0.8, nesterov=True, block_size=64),
+    "adamw_8bit_block_2048_eps_root": lambda: fa.adamw_8bit(
+        1e-2, eps_root=1e-10, weight_decay=0.1, block_size=2048
+    ),
+    "adam_8bit_block_8_scalar_path": lambda: fa.adam_8bit(1e-2, block_size=8, min_8bit_size=64),
+    "chain_clip_inject": lambda: optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.inject_hyperparams(fa.adamw_8bit, static_args=("block_size", "min_8bit_size"))(
+            learning_rate=0.01
+        ),
+    ),
+}
+
+
+def _steps(tx):
+    def xla(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return fa.apply_updates(params, updates), state
+
+    kernel = jax.jit(lambda g, s, p: fa.update_and_apply(tx, g, s, p))
+    return kernel, jax.jit(xla)
+
+
+# Before the 8-bit step, XLA may fold the clipping factor into the moment update of its own
+# path (a different rounding of m and v in the last bit): there the scales may differ too.
+ROUNDS_DIFFERENTLY = {"chain_clip_inject"}
+
+
+def _assert_states_match(s_k, s_x, exact_scales: bool) -> int:
+    """Codes within one (XLA:CPU may divide 1/scale inexactly, so a value on a bin edge can
+    round the other way), scales and counts equal (or within 2 ulps); returns how many codes
+    differ."""
+    differ = 0
+    for a, b in zip(jax.tree.leaves(s_k), jax.tree.leaves(s_x), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.dtype.kind in "iu" and a.ndim == 2:
+            gap = np.abs(a.astype(np.int64) - b)
+            assert np.all((gap <= 1) | (gap == 255)), gap.max()  # 255: codes -128 (+1) and 127
+            differ += int(np.sum(gap != 0))
+        elif exact_scales or a.dtype.kind != "f":
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, rtol=2.5e-7)
+    return differ
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_kernel_equals_xla_path_step_by_step(config):
+    """Codes and scales bitwise; θ within a few ulps; also with inf, NaN and 1e20 gradients."""
+    tx = CONFIGS[config]()
+    params = _tree()
+    state = tx.init(params)
+    kernel, xla = _steps(tx)
+    assert kernel.lower(params, state, params).as_text().count(TARGET) >= 1
+    differ = 0
+    for t, bad in enumerate([None, None, np.inf, None, np.nan, 1e20, None]):
+        grads = _grads(params, t, bad)
+        (p_k, s_k), (p_x, s_x) = kernel(grads, state, params), xla(grads, state, params)
+        differ += _assert_states_match(s_k, s_x, config not in ROUNDS_DIFFERENTLY)
+        finite, expected, before = (
+            [jnp.where(jnp.isfinite(p), p, 0.0) for p in jax.tree.leaves(tree)]
+            for tree in (p_k, p_x, params)
+        )
+        for k, x, b in zip(finite, expected, before, strict=True):
+            assert_within_ulps(k, x, ULPS, scale_floor=np.abs(np.asarray(b)))
+        # The non-finite gradients' parameters are non-finite in both (as in float32 Adam).
+        chex.assert_trees_all_equal(
+            jax.tree.map(jnp.isfinite, p_k), jax.tree.map(jnp.isfinite, p_x)
+        )
+        params, state = p_x, s_x
+    assert differ <= 0.001 * 7 * 2 * 14592  # codes over 7 steps: rare last-bit ties
+
+
+def _kernel_inputs(block, size, seed=0, bad=True):
+    rng = np.random.default_rng(seed)
+    p = jnp.asarray(rng.normal(size=size), jnp.float32)
+    g = rng.normal(size=size) * np.exp(rng.uniform(-20, 3, size))
+    if bad and size > 8:
+        g[[1, 5, 7]] = [np.inf, np.nan, -1e20]
+    m = qz.quantize(jnp.asarray(rng.normal(size=size) * 0.1, jnp.float32), block, signed=True)
+    v = jnp.pad(jnp.asarray(rng.exponential(size=size) * 1e-3, jnp.float32), (0, -size % block))
+    v = qz.encode_second_moment(v.reshape(-1, block))
+    return p, jnp.asarray(g, jnp.float32), m, v
+
+
+SCALARS = jnp.array([0.9, 0.1, 0.999, 0.001, 1e-8, 0.0, 10.0, 1000.0, 1 / 0.19, -0.01, 0.1])
+
+
+@pytest.mark.parametrize(
+    "block, size", [(16, 16 * 7 + 5), (64, 64 * 40), (256, 1000), (4096, 5000)]
+)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_simd_and_scalar_code_are_bitwise_equal_and_match_the_reference(block, size, nesterov):
+    """The AVX-512 code (where built) and the scalar code agree bitwise; the jax.numpy
+    reference (as XLA compiles it) within a code and a few ulps."""
+    leaves = [_kernel_inputs(block, size), _kernel_inputs(block, 3 * block, seed=1, bad=False)]
+    decay = (True, False)
+    simd = adam8_cpu.adam8_step(SCALARS, leaves, decay, nesterov, True)
+    scalar = adam8_cpu.adam8_step(SCALARS, leaves, decay, nesterov, False)
+    reference = jax.jit(adam8_cpu.reference_step, static_argnums=(2, 3))(
+        SCALARS, leaves, decay, nesterov
+    )
+    chex.assert_trees_all_equal(simd, scalar)
+    states = lambda out: [o[1:] for o in out]  # noqa: E731
+    assert _assert_states_match(states(simd), states(reference), True) <= 2
+    for (p_k, *_), (p_r, *_), (p, *_) in zip(simd, reference, leaves, strict=True):
+        finite = jnp.isfinite(p_k)
+        np.testing.assert_array_equal(finite, jnp.isfinite(p_r))
+        assert_within_ulps(
+            p_k[finite], p_r[finite], ULPS, scale_floor=np.abs(np.asarray(p[finite]))
+        )
+
+
+@pytest.mark.parametrize(
+    "make, params",
+    [
+        (lambda: fa.adam_8bit(1e-2), {"w": jnp.ones(8192, jnp.bfloat16)}),
+        (
+            lambda: fa.adam_8bit(1e-2, mu_dtype=jnp.bfloat16),
+            {"w": jnp.ones(8192), "b": jnp.ones(3)},
+        ),
+        (lambda: fa.scale_by_adam_8bit(), {"w": jnp.ones(8192)}),
+        (lambda: fa.adam_8bit(jnp.array([1e-2])), {"w": jnp.ones(8192)}),
+    ],
+    ids=["bf16_params", "bf16_mu_of_small_leaves", "no_learning_rate", "vector_learning_rate"],
+)
+def test_what_the_kernel_does_not_take_goes_the_xla_way(make, params):
+    tx = make()
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    kernel, xla = _steps(tx)
+    assert TARGET not in kernel.lower(grads, state, params).as_text()
+    chex.assert_trees_all_equal(kernel(grads, state, params), xla(grads, state, params))
+
+
+def test_one_pass_in_place_no_copies():
+    """One custom call for the 8-bit leaves, one for the float32-moment ones; with donation,
+    no copy of a parameter-sized array and no loop over the arrays outside the kernels."""
+    tx = fa.adamw_8bit(1e-3, weight_decay=0.1)
+    params = {
+        "w": jax.ShapeDtypeStruct((512, 512), jnp.float32),
+        "b": jax.ShapeDtypeStruct((512,), jnp.float32),
+    }
+    step = jax.jit(lambda p, s, g: fa.update_and_apply(tx, g, s, p), donate_argnums=(0, 1))
+    hlo = step.lower(params, jax.eval_shape(tx.init, params), params).compile().as_text()
+    entry = hlo[hlo.index("ENTRY") :]
+    assert entry.count(f'custom_call_target="{TARGET}"') == 1
+    assert entry.count('custom_call_target="functional_adam_adam_f32"') == 1
+    big = [
+        line
+        for line in entry.splitlines()
+        if ("copy(" in line or " fusion(" in line) and "512,512" in line
+    ]
+    assert not big, big
+
+
+def test_hypergradient_and_vmap_through_the_kernel():
+    def final_loss(lr, fused):
+        tx = fa.adamw_8bit(lr, weight_decay=0.1, min_8bit_size=64, block_size=64)
+        params = jnp.linspace(-1.0, 1.0, 256)
+        state = tx.init(params)
+        for _ in range(3):
+            grads = 2 * params
+            if fused:
+                params, state = fa.update_and_apply(tx, grads, state, params)
+            else:
+                updates, state = tx.update(grads, state, params)
+                params = fa.apply_updates(params, updates)
+        return jnp.sum(params**2)
+
+    assert TARGET in jax.jit(final_loss, static_argnums=1).lower(0.1, True).as_text()
+    kernel_grad = jax.jit(jax.grad(final_loss), static_argnums=1)(0.1, True)
+    np.testing.assert_allclose(kernel_grad, jax.grad(final_loss)(0.1, False), rtol=1e-5)
+    lrs = jnp.array([0.01, 0.1, 0.3])
+    np.testing.assert_allclose(
+        jax.vmap(lambda lr: final_loss(lr, True))(lrs),
+        jax.vmap(lambda lr: final_loss(lr, False))(lrs),
+        rtol=1e-6,
+    )
+
+
+def test_trajectories_stay_together_and_descend():
+    tx = fa.adamw_8bit(1e-2, weight_decay=0.1, min_8bit_size=1000)
+    params = {"w": jnp.linspace(-3.0, 3.0, 5000).reshape(50, 100), "b": jnp.ones(7)}
+    kernel, xla = _steps(tx)
+    (p_k, s_k), (p_x, s_x) = (params, tx.init(params)), (params, tx.init(params))
+    for _ in range(200):
+        p_k, s_k = kernel(jax.tree.map(lambda p: 2 * p, p_k), s_k, p_k)
+        p_x, s_x = xla(jax.tree.map(lambda p: 2 * p, p_x), s_x, p_x)
+    # A last-bit difference can put a moment on the other side of a bin edge, so a few
+    # parameters drift apart by a fraction of a step (lr = 1e-2) over 200 steps.
+    chex.assert_trees_all_close(p_k, p_x, rtol=0, atol=1e-3)
+    assert float(jnp.mean(jnp.abs(p_k["w"] - p_x["w"]))) < 1e-6
+    assert float(jnp.max(jnp.abs(p_k["w"]))) < 2.0  # it did descend
+
+
+def test_without_the_avx512_code_the_xla_path_is_taken(monkeypatch):
+    """The kernel's scalar code (for CPUs without AVX-512) is slower than XLA's loops."""
+    tx = fa.adam_8bit(1e-2)
+    params = {"w": jnp.ones(8192)}
+    monkeypatch.setattr(build, "has_8bit_simd", lambda: False)
+    lowered = jax.jit(lambda g, s, p: fa.update_and_apply(tx, g, s, p)).lower(
+        params, tx.init(params), params
+    )
+    assert TARGET not in lowered.as_text()
