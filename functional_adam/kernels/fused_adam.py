@@ -67,6 +67,32 @@ def decay_rate(weight_decay: ScalarOrSchedule, decay_state: Any) -> tuple[Any, A
     return weight_decay(decay_state.count), WeightDecaySchedule(safe_increment(decay_state.count))
 
 
+def step_scalars(hyper: dict, count, lr_tx, lr_state, decay_state: list, params, dtype):
+    """This step's :class:`~functional_adam.kernels.adam_cpu.KernelScalars` and decay flags.
+
+    Runs the learning-rate (and weight-decay) stages of the chain on their
+    scalars: returns ``(scalars, flags, decay_state, lr_state)`` with their new
+    states, or ``None`` where a hyperparameter is not a scalar (the chain
+    broadcasts it; the kernel cannot). ``hyper`` holds ``b1, b2, eps, eps_root``
+    and, with a decay stage (``decay_state`` not empty), ``weight_decay, mask``.
+    """
+    b1, b2 = hyper["b1"], hyper["b2"]
+    bc = bias_corrections(b1, b2, count)
+    neg_lr, lr_state = lr_tx.update(jnp.ones([], dtype), lr_state)  # exactly -lr
+    rate, flags = 0.0, [False] * len(jax.tree.leaves(params))
+    if decay_state:
+        rate, decay_state[0] = decay_rate(hyper["weight_decay"], decay_state[0])
+        flags = decay_flags(hyper["mask"], params)
+    scalars = adam_cpu.KernelScalars(
+        b1, 1 - b1, b2, 1 - b2, hyper["eps"], hyper["eps_root"],
+        *(1 / jnp.asarray(x).astype(dtype) for x in bc),
+        neg_lr, rate,
+    )  # fmt: skip
+    if any(jnp.ndim(x) != 0 for x in scalars):
+        return None
+    return scalars, flags, decay_state, lr_state
+
+
 def adam_chain(
     *,
     b1: Any,
@@ -104,19 +130,11 @@ def adam_chain(
             return None
         leaves, treedef, dtype = found
         count = safe_increment(adam_state.count)
-        bc = bias_corrections(b1, b2, count)
-        neg_lr, lr_state = lr_tx.update(jnp.ones([], dtype), lr_state)  # exactly -lr
-        rate, flags = 0.0, [False] * len(leaves)
-        if decay:
-            rate, decay_state[0] = decay_rate(weight_decay, decay_state[0])
-            flags = decay_flags(mask, params)
-        scalars = adam_cpu.KernelScalars(
-            b1, 1 - b1, b2, 1 - b2, eps, eps_root,
-            *(1 / jnp.asarray(x).astype(dtype) for x in bc),
-            neg_lr, rate,
-        )  # fmt: skip
-        if any(jnp.ndim(x) != 0 for x in scalars):
+        hyper = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask)
+        found = step_scalars(hyper, count, lr_tx, lr_state, decay_state, params, dtype)
+        if found is None:
             return None  # per-leaf or vector hyperparameters: the chain broadcasts them
+        scalars, flags, decay_state, lr_state = found
         out = adam_cpu.adam_step(scalars.stack(dtype), leaves, tuple(flags), nesterov)
         new_params, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
         return new_params, (ScaleByAdamState(count, mu, nu), *decay_state, lr_state)

@@ -28,11 +28,10 @@ from functional_adam.core.base import GradientTransformation, ScalarOrSchedule, 
 from functional_adam.core.numerics import safe_increment
 from functional_adam.kernels import adam8_cpu, adam_cpu, build
 from functional_adam.kernels.dispatch import fusable
-from functional_adam.kernels.fused_adam import cpu_kernel_applies, decay_rate
-from functional_adam.optimizers.adam import bias_corrections
+from functional_adam.kernels.fused_adam import cpu_kernel_applies, step_scalars
 from functional_adam.storage.quantized import BlockQuantized
 from functional_adam.transforms.learning_rate import scale_by_learning_rate
-from functional_adam.transforms.weight_decay import add_decayed_weights, decay_flags
+from functional_adam.transforms.weight_decay import add_decayed_weights
 
 _MAX_BLOCK = 4096  # the kernel keeps a block's float32 moments on its stack
 
@@ -154,19 +153,11 @@ def adam8_chain(
             return None
         treedef, leaves = found
         count = safe_increment(adam_state.count)
-        bc = bias_corrections(b1, b2, count)
-        neg_lr, lr_state = lr_tx.update(jnp.ones([], jnp.float32), lr_state)  # exactly -lr
-        rate, flags = 0.0, [False] * len(leaves)
-        if decay:
-            rate, decay_state[0] = decay_rate(weight_decay, decay_state[0])
-            flags = decay_flags(mask, params)
-        scalars = adam_cpu.KernelScalars(
-            b1, 1 - b1, b2, 1 - b2, eps, eps_root,
-            *(1 / jnp.asarray(x).astype(jnp.float32) for x in bc),
-            neg_lr, rate,
-        )  # fmt: skip
-        if any(jnp.ndim(x) != 0 for x in scalars):
+        hyper = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask)
+        found = step_scalars(hyper, count, lr_tx, lr_state, decay_state, params, jnp.float32)
+        if found is None:
             return None  # per-leaf or vector hyperparameters: the chain broadcasts them
+        scalars, flags, decay_state, lr_state = found
         out = _kernel_step(scalars, leaves, flags, nesterov, where)
         new_params, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
         return new_params, (state_type(count, mu, nu), *decay_state, lr_state)
