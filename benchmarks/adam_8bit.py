@@ -63,14 +63,20 @@ def gpt2_small_shapes() -> dict[str, tuple[int, ...]]:
 
 
 @contextlib.contextmanager
-def chunked_above(size: float):
-    """The XLA path with leaves over ``size`` elements in chunks (inf: none, 0: all; CPU only)."""
-    saved = blockwise._CHUNKED_MIN_SIZE
-    blockwise._CHUNKED_MIN_SIZE = size
+def chunked_above(size: float | None):
+    """The XLA path with leaves over ``size`` elements in chunks (inf: none, 0: all, None: as
+    dispatched; CPU only)."""
+    if size is None:
+        yield
+        return
+    saved = getattr(blockwise, "_CHUNKED_MIN_SIZE", None)  # None: a version before the switch
+    if saved is not None:
+        blockwise._CHUNKED_MIN_SIZE = size
     try:
         yield
     finally:
-        blockwise._CHUNKED_MIN_SIZE = saved
+        if saved is not None:
+            blockwise._CHUNKED_MIN_SIZE = saved
 
 
 # name: (optimizer, fused?, chunking threshold of the XLA path or None for the default)
@@ -120,7 +126,7 @@ def runner(method: str, shapes: list[tuple[int, ...]]) -> Callable[[], None]:
             box[0], box[1] = jitted(box[0], box[1], grads)
         jax.block_until_ready(box[0])
 
-    with chunked_above(blockwise._CHUNKED_MIN_SIZE if threshold is None else threshold):
+    with chunked_above(threshold):
         run()
     return run
 
@@ -157,7 +163,7 @@ def compile_seconds(make, fused: bool, threshold: float | None) -> float:
     tx = make()
     params = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in gpt2_small_shapes().items()}
     state = jax.eval_shape(tx.init, params)
-    with chunked_above(blockwise._CHUNKED_MIN_SIZE if threshold is None else threshold):
+    with chunked_above(threshold):
         t = time.perf_counter()
         jax.jit(_step(tx, fused), donate_argnums=(0, 1)).lower(params, state, params).compile()
         return time.perf_counter() - t

@@ -40,6 +40,7 @@ import jax
 import jaxlib
 
 SOURCES = (Path(__file__).parent / "adam_cpu.cc", Path(__file__).parent / "adam8_cpu.cc")
+HEADERS = (Path(__file__).parent / "adam8_avx512.cc",)  # included by adam8_cpu.cc, not compiled
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std=c++20", "-w")
 TARGETS = {"float32": "functional_adam_adam_f32", "float64": "functional_adam_adam_f64"}
 TARGET_8BIT = "functional_adam_adam8_f32"  # 8-bit moments, float32 parameters (adam8_cpu.cc)
@@ -79,10 +80,10 @@ def _compiler() -> list[str]:
 
 
 def library_name(compiler: list[str] | None = None) -> str:
-    """The cached library's file name: a hash of source, compiler, flags, jaxlib and CPU."""
+    """The cached library's file name: a hash of sources, headers, compiler, flags, jaxlib, CPU."""
     compiler = _compiler() if compiler is None else compiler
     headers = f"{jax.ffi.include_dir()} jaxlib {jaxlib.__version__}"
-    sources = [source.read_text() for source in SOURCES]
+    sources = [source.read_text() for source in (*SOURCES, *HEADERS)]
     key = "\n".join([*sources, " ".join(compiler), *FLAGS, headers, _cpu_flags()])
     return f"adam_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
