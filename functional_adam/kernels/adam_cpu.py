@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from functional_adam.kernels.build import TARGETS
+from functional_adam.kernels.per_shard import per_shard_call
 
 # Leaves per kernel call: XLA's compile time grows about cubically with the number of
 # aliased operands of one custom call, so long trees are cut into calls of this many.
@@ -90,7 +91,9 @@ def adam_step(
     ``scalars`` holds :class:`KernelScalars` (stacked) in the leaves' dtype; every array of every
     leaf has that dtype. ``p``, ``m`` and ``v`` are aliased to their results, so
     with donated inputs the step writes into the buffers it reads. Leaves go in
-    calls of :data:`LEAVES_PER_CALL`. Differentiable (through
+    calls of :data:`LEAVES_PER_CALL`. With several devices each device runs the
+    kernel on its shards (:mod:`functional_adam.kernels.per_shard`: ``g``, ``m``
+    and ``v`` take the sharding of ``p``). Differentiable (through
     :func:`reference_step`) and batchable (``jax.vmap`` calls the kernel once per
     batch element).
     """
@@ -114,6 +117,15 @@ def _call_kernel(scalars, leaves, decay, nesterov):
                 nesterov,
             )
         ]
+    if jax.device_count() > 1:  # the arrays may be sharded: one call per device, on its shards
+        return per_shard_call(
+            _one_call, (decay, nesterov), scalars, leaves, n_results=3, unlinked=(1,)
+        )
+    return _one_call(scalars, leaves, decay, nesterov)
+
+
+def _one_call(scalars, leaves, decay, nesterov):
+    """The kernel's ``jax.ffi`` call on these arrays."""
     dtype = scalars.dtype
     operands = [scalars]
     results = []
