@@ -182,6 +182,10 @@ def test_explicit_mesh_axes():
         new = jax.block_until_ready(step(params, state, grads))
     ml.assert_same_shardings(new, shardings)
     _assert_close_to_xla(new, reference)
+    # Outside the mesh context, with gradients sharded otherwise: resharded to the params'.
+    grads = ml.placed(ml.random_tree(1), mesh, "tp", full_length=True)
+    new = jax.block_until_ready(step(*new, grads))
+    ml.assert_same_shardings(new, shardings)
 
 
 def test_vmap_over_the_learning_rate_and_eager_calls():

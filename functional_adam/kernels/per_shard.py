@@ -67,6 +67,11 @@ def _shards(sharding: jax.sharding.Sharding) -> int:
     return math.prod(sharding.mesh.shape[a] for a in axes)
 
 
+def _finest(shardings: Sequence[jax.sharding.Sharding], unlinked: frozenset):
+    """The leaf's sharding: of its linked operands', the one in most pieces (first on ties)."""
+    return max((s for j, s in enumerate(shardings) if j not in unlinked), key=_shards)
+
+
 def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
     if isinstance(sharding, NamedSharding):
         return NamedSharding(sharding.mesh, P(), memory_kind=sharding.memory_kind)
@@ -86,11 +91,10 @@ def _partitioned(body: Body, statics: tuple, ranks: tuple, n_operands: int, n_re
 
     def partition(mesh, arg_shapes, result_shape):
         del result_shape
-        leaf = []
-        for k in range(len(ranks)):
-            linked = [arg_shapes[1 + n_operands * k + j].sharding for j in range(n_operands)]
-            linked = [x for j, x in enumerate(linked) if j not in unlinked]
-            leaf.append(max(linked, key=_shards))  # the first of the finest
+        leaf = [
+            _finest([x.sharding for x in arg_shapes[1 + n_operands * k :][:n_operands]], unlinked)
+            for k in range(len(ranks))
+        ]
         operands = (_replicated(arg_shapes[0].sharding),)
         operands += tuple(s for s in leaf for _ in range(n_operands))
         results = tuple(s for s in leaf for _ in range(n_results))
@@ -134,11 +138,11 @@ def supported(leaves: Sequence[Sequence[jax.Array]]) -> bool:
     return len(meshes) <= 1 and all(len({*mesh.axis_types}) == 1 for mesh in meshes)
 
 
-def _shard_map_call(body, statics, scalars, leaves, n_results, mesh):
-    """Explicit axes: ``shard_map`` over each leaf's first operand's ``PartitionSpec``."""
-    specs = [jax.typeof(leaf[0]).sharding.spec for leaf in leaves]
+def _shard_map_call(body, statics, scalars, leaves, n_results, unlinked, mesh):
+    """Explicit axes: ``shard_map`` over each leaf's ``PartitionSpec`` (:func:`_finest`)."""
+    specs = [_finest([jax.typeof(x).sharding for x in leaf], unlinked).spec for leaf in leaves]
     leaves = [
-        tuple(jax.sharding.reshard(x, spec) for x in leaf)
+        tuple(jax.sharding.reshard(x, NamedSharding(mesh, spec)) for x in leaf)
         for leaf, spec in zip(leaves, specs, strict=True)
     ]
     n_operands = len(leaves[0])
@@ -152,7 +156,10 @@ def _shard_map_call(body, statics, scalars, leaves, n_results, mesh):
         mesh=mesh,
         in_specs=(P(), *(spec for spec in specs for _ in range(n_operands))),
         out_specs=tuple(spec for spec in specs for _ in range(n_results)),
-    )(jax.sharding.reshard(scalars, P()), *(x for leaf in leaves for x in leaf))
+    )(
+        jax.sharding.reshard(scalars, NamedSharding(mesh, P())),
+        *(x for leaf in leaves for x in leaf),
+    )
     return [tuple(flat[n_results * k : n_results * (k + 1)]) for k in range(len(leaves))]
 
 
@@ -173,14 +180,14 @@ def per_shard_call(
             module-level function (it keys a cache, with ``statics``).
         statics: hashable arguments of ``body`` after ``leaves``.
         scalars: a 1-D array, replicated.
-        leaves: per leaf, its operands, all of one shape; the first one's sharding
-            is the leaf's.
+        leaves: per leaf, its operands, all of one shape; the sharding of the one
+            cut into most pieces (the first on ties) is the leaf's.
         n_results: results per leaf.
         unlinked: positions, within a leaf, of operands resharded to the leaf's
             sharding rather than propagated to it (the gradient).
 
     Returns:
-        Per leaf, its ``n_results`` results, sharded like the leaf's first operand.
+        Per leaf, its ``n_results`` results, sharded as the leaf.
 
     Raises:
         ValueError: for arrays that :func:`supported` refuses.
@@ -193,7 +200,7 @@ def per_shard_call(
     meshes = _meshes(leaves)
     mesh = meshes.pop() if meshes else None
     if mesh is not None and mesh.axis_types[0] == jax.sharding.AxisType.Explicit:
-        return _shard_map_call(body, statics, scalars, leaves, n_results, mesh)
+        return _shard_map_call(body, statics, scalars, leaves, n_results, frozenset(unlinked), mesh)
     ranks = tuple(len(leaf[0].shape) for leaf in leaves)
     n_operands = len(leaves[0]) if leaves else 0
     call = _partitioned(body, statics, ranks, n_operands, n_results, frozenset(unlinked))
