@@ -191,6 +191,13 @@ def per_shard_call(
 
     Raises:
         ValueError: for arrays that :func:`supported` refuses.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> def shift(scalars, leaves):  # elementwise: x + s[0] per leaf
+        ...     return [(x + scalars[0],) for (x,) in leaves]
+        >>> per_shard_call(shift, (), jnp.ones(1), [(jnp.zeros(3),)], n_results=1)
+        [(Array([1., 1., 1.], dtype=float32),)]
     """
     if not supported(leaves):
         raise ValueError(
