@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from functional_adam.kernels import per_shard
 from functional_adam.kernels.build import TARGETS
-from functional_adam.kernels.per_shard import per_shard_call
 
 # Leaves per kernel call: XLA's compile time grows about cubically with the number of
 # aliased operands of one custom call, so long trees are cut into calls of this many.
@@ -118,9 +118,8 @@ def _call_kernel(scalars, leaves, decay, nesterov):
             )
         ]
     if jax.device_count() > 1:  # the arrays may be sharded: one call per device, on its shards
-        return per_shard_call(
-            _one_call, (decay, nesterov), scalars, leaves, n_results=3, unlinked=(1,)
-        )
+        kind = per_shard.Elementwise(n_results=3, unlinked=frozenset({1}))  # g: resharded
+        return per_shard.per_shard_call(_one_call, (decay, nesterov), scalars, leaves, kind)
     return _one_call(scalars, leaves, decay, nesterov)
 
 

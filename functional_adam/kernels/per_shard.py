@@ -1,4 +1,4 @@
-"""An elementwise kernel call that runs on each device's shards of its operands.
+"""A kernel call, elementwise per leaf, that runs on each device's shards of its operands.
 
 XLA cannot partition a custom call: given sharded operands it gathers them and
 runs the call on whole arrays on every device. An optimizer kernel is
@@ -13,7 +13,10 @@ would need the mesh and every leaf's ``PartitionSpec`` at trace time, which a
 types do carry them, and the result types must carry them too, so there the call
 is a ``jax.shard_map`` over the leaves' ``PartitionSpec`` s.
 
-The rules, leaf by leaf: every array of a leaf and every result takes the
+How a leaf's arrays are cut is a :class:`LeafKind`'s: its Shardy factors and, at
+partitioning time, the shardings its operands and results take. :class:`Elementwise`
+is the fused Adam kernel's (the 8-bit kernel's is in
+:mod:`functional_adam.kernels.adam8_cpu`). Its rules, leaf by leaf: every array of a leaf and every result takes the
 sharding of the leaf's operand cut into the most shards (on ties the first, the
 parameter): the parameter's sharding when the state follows it, the state's under
 ZeRO-1 (whose state is the parameter's sharding plus the data axis, so the
@@ -27,83 +30,116 @@ gradient's.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 Body = Callable[..., list]
 """``body(scalars, leaves, *statics) -> [results of leaf 0, ...]``: the per-device kernel call."""
+Shapes = Sequence[tuple[int, ...]]
+Shardings = Sequence[jax.sharding.Sharding]
 
 
-def _rule(ranks: Sequence[int], n_operands: int, n_results: int, unlinked: frozenset) -> str:
-    """Shardy's rule: each leaf's dimensions are factors of their own, shared by its operands
-    (but the ``unlinked`` ones, which get factors of their own) and its results."""
-    operands, results = ["s"], []
-    for k, rank in enumerate(ranks):
-        dims = " ".join(f"l{k}d{d}" for d in range(rank))
-        for j in range(n_operands):
-            own = " ".join(f"l{k}o{j}d{d}" for d in range(rank))
-            operands.append(own if j in unlinked else dims)
-        results += [dims] * n_results
-    return ", ".join(operands) + " -> " + ", ".join(results)
+class LeafKind(Protocol):
+    """How one leaf's operands and results are cut (a hashable value: it keys a cache)."""
+
+    n_results: int
+
+    def factors(self, k: int, shapes: Shapes) -> tuple[list[str], list[str]]:
+        """Shardy's factors (``"a b"`` per array) of leaf ``k``'s operands and results."""
+
+    def shardings(self, shardings: Shardings, shapes: Shapes) -> tuple[list, list]:
+        """The shardings leaf's operands and results take, given its operands' (as
+        ``NamedSharding`` where the mesh is known) and their global shapes."""
 
 
-def _shards(sharding: jax.sharding.Sharding) -> int:
+def shards(sharding: jax.sharding.Sharding) -> int:
     """How many pieces a ``NamedSharding`` cuts an array into (1 for other shardings)."""
     if not isinstance(sharding, NamedSharding):
         return 1
-    axes = [
-        a
-        for entry in sharding.spec
-        if entry
-        for a in (entry if isinstance(entry, tuple) else (entry,))
-    ]
-    return math.prod(sharding.mesh.shape[a] for a in axes)
+    return math.prod(sharding.mesh.shape[a] for a in axes_of(sharding.spec))
 
 
-def _finest(shardings: Sequence[jax.sharding.Sharding], unlinked: frozenset):
-    """The leaf's sharding: of its linked operands', the one in most pieces (first on ties)."""
-    return max((s for j, s in enumerate(shardings) if j not in unlinked), key=_shards)
+def axes_of(spec: Sequence) -> list[str]:
+    """The mesh axes named in a ``PartitionSpec`` (or one entry's tuple), in order."""
+    return [a for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,))]
 
 
-def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+def replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """``sharding``'s devices, every one holding the whole array."""
     if isinstance(sharding, NamedSharding):
         return NamedSharding(sharding.mesh, P(), memory_kind=sharding.memory_kind)
-    return sharding  # already replicated: Shardy's rule asks for it (need_replication)
+    devices = np.asarray(sharding._device_assignment)  # no mesh known: a flat one of its devices
+    return NamedSharding(jax.sharding.Mesh(devices, ("devices",)), P())
+
+
+@dataclasses.dataclass(frozen=True)
+class Elementwise:
+    """Every operand and result of a leaf has the leaf's shape; the leaf takes the sharding of
+    its operand cut into most pieces (the first on ties); ``unlinked`` operands (the gradient)
+    are resharded to it rather than propagated to."""
+
+    n_results: int
+    unlinked: frozenset = frozenset()
+
+    def factors(self, k: int, shapes: Shapes) -> tuple[list[str], list[str]]:
+        dims = " ".join(f"l{k}d{d}" for d in range(len(shapes[0])))
+        own = [" ".join(f"l{k}o{j}d{d}" for d in range(len(shapes[0]))) for j in range(len(shapes))]
+        operands = [own[j] if j in self.unlinked else dims for j in range(len(shapes))]
+        return operands, [dims] * self.n_results
+
+    def shardings(self, shardings: Shardings, shapes: Shapes) -> tuple[list, list]:
+        del shapes
+        leaf = max((s for j, s in enumerate(shardings) if j not in self.unlinked), key=shards)
+        return [leaf] * len(shardings), [leaf] * self.n_results
+
+
+def _rule(kind: LeafKind, shapes: tuple) -> str:
+    """Shardy's rule: the scalars replicated, each leaf's factors its own."""
+    operands, results = ["s"], []
+    for k, leaf in enumerate(shapes):
+        ins, outs = kind.factors(k, leaf)
+        operands += ins
+        results += outs
+    return ", ".join(operands) + " -> " + ", ".join(results)
+
+
+def _split(flat: Sequence, sizes: Sequence[int]) -> list[tuple]:
+    starts = [0, *itertools.accumulate(sizes)]
+    return [tuple(flat[a:b]) for a, b in itertools.pairwise(starts)]
 
 
 @functools.cache
-def _partitioned(body: Body, statics: tuple, ranks: tuple, n_operands: int, n_results: int,
-                 unlinked: frozenset) -> Callable:  # fmt: skip
+def _partitioned(body: Body, statics: tuple, kind: LeafKind, shapes: tuple) -> Callable:
     """``(scalars, *flat operands) -> flat results``, jitted, partitioned per shard, batchable."""
+    sizes = [len(leaf) for leaf in shapes]
 
     def call(scalars, *flat):
-        leaves = [flat[n_operands * k : n_operands * (k + 1)] for k in range(len(ranks))]
-        return tuple(x for out in body(scalars, leaves, *statics) for x in out)
+        return tuple(x for out in body(scalars, _split(flat, sizes), *statics) for x in out)
 
     partitioned = custom_partitioning(call)
 
     def partition(mesh, arg_shapes, result_shape):
         del result_shape
-        leaf = [
-            _finest([x.sharding for x in arg_shapes[1 + n_operands * k :][:n_operands]], unlinked)
-            for k in range(len(ranks))
-        ]
-        operands = (_replicated(arg_shapes[0].sharding),)
-        operands += tuple(s for s in leaf for _ in range(n_operands))
-        results = tuple(s for s in leaf for _ in range(n_results))
-        return mesh, call, results, operands
+        operands, results = [replicated(arg_shapes[0].sharding)], []
+        for leaf in _split(arg_shapes[1:], sizes):
+            ins, outs = kind.shardings([x.sharding for x in leaf], [x.shape for x in leaf])
+            operands += ins
+            results += outs
+        return mesh, call, tuple(results), tuple(operands)
 
     partitioned.def_partition(
-        partition,
-        sharding_rule=_rule(ranks, n_operands, n_results, unlinked),
-        need_replication_factors=("s",),
+        partition, sharding_rule=_rule(kind, shapes), need_replication_factors=("s",)
     )
 
     @jax.custom_batching.custom_vmap
@@ -138,29 +174,27 @@ def supported(leaves: Sequence[Sequence[jax.Array]]) -> bool:
     return len(meshes) <= 1 and all(len({*mesh.axis_types}) == 1 for mesh in meshes)
 
 
-def _shard_map_call(body, statics, scalars, leaves, n_results, unlinked, mesh):
-    """Explicit axes: ``shard_map`` over each leaf's ``PartitionSpec`` (:func:`_finest`)."""
-    specs = [_finest([jax.typeof(x).sharding for x in leaf], unlinked).spec for leaf in leaves]
-    leaves = [
-        tuple(jax.sharding.reshard(x, NamedSharding(mesh, spec)) for x in leaf)
-        for leaf, spec in zip(leaves, specs, strict=True)
-    ]
-    n_operands = len(leaves[0])
+def _shard_map_call(body, statics, scalars, leaves, kind, mesh):
+    """Explicit axes: a ``shard_map`` over the specs ``kind`` gives the arrays' types."""
+    in_specs, out_specs, operands = [P()], [], []
+    for leaf in leaves:
+        ins, outs = kind.shardings([jax.typeof(x).sharding for x in leaf], [x.shape for x in leaf])
+        in_specs += [s.spec for s in ins]
+        out_specs += [s.spec for s in outs]
+        operands += [
+            jax.sharding.reshard(x, NamedSharding(mesh, s.spec))
+            for x, s in zip(leaf, ins, strict=True)
+        ]
+    sizes = [len(leaf) for leaf in leaves]
 
     def call(scalars, *flat):
-        local = [flat[n_operands * k : n_operands * (k + 1)] for k in range(len(leaves))]
-        return tuple(x for out in body(scalars, local, *statics) for x in out)
+        return tuple(x for out in body(scalars, _split(flat, sizes), *statics) for x in out)
 
-    flat = jax.shard_map(
-        call,
-        mesh=mesh,
-        in_specs=(P(), *(spec for spec in specs for _ in range(n_operands))),
-        out_specs=tuple(spec for spec in specs for _ in range(n_results)),
-    )(
-        jax.sharding.reshard(scalars, NamedSharding(mesh, P())),
-        *(x for leaf in leaves for x in leaf),
+    scalars = jax.sharding.reshard(scalars, NamedSharding(mesh, P()))
+    flat = jax.shard_map(call, mesh=mesh, in_specs=tuple(in_specs), out_specs=tuple(out_specs))(
+        scalars, *operands
     )
-    return [tuple(flat[n_results * k : n_results * (k + 1)]) for k in range(len(leaves))]
+    return _split(flat, [kind.n_results] * len(leaves))
 
 
 def per_shard_call(
@@ -168,26 +202,20 @@ def per_shard_call(
     statics: tuple,
     scalars: jax.Array,
     leaves: Sequence[Sequence[jax.Array]],
-    *,
-    n_results: int,
-    unlinked: Sequence[int] = (),
+    kind: LeafKind,
 ) -> list[tuple[jax.Array, ...]]:
     """``body(scalars, leaves, *statics)``, run by each device on its shards of each leaf.
 
     Args:
-        body: the kernel call on one device's arrays; it must be elementwise per
-            leaf (every operand and result of a leaf has the leaf's shape) and a
-            module-level function (it keys a cache, with ``statics``).
+        body: the kernel call on one device's arrays, elementwise per leaf as ``kind``
+            says; a module-level function (it keys a cache, with ``statics``).
         statics: hashable arguments of ``body`` after ``leaves``.
         scalars: a 1-D array, replicated.
-        leaves: per leaf, its operands, all of one shape; the sharding of the one
-            cut into most pieces (the first on ties) is the leaf's.
-        n_results: results per leaf.
-        unlinked: positions, within a leaf, of operands resharded to the leaf's
-            sharding rather than propagated to it (the gradient).
+        leaves: per leaf, its operands.
+        kind: how a leaf's arrays are cut (:class:`Elementwise` for the Adam kernel).
 
     Returns:
-        Per leaf, its ``n_results`` results, sharded as the leaf.
+        Per leaf, its ``kind.n_results`` results, sharded as ``kind`` says.
 
     Raises:
         ValueError: for arrays that :func:`supported` refuses.
@@ -196,7 +224,7 @@ def per_shard_call(
         >>> import jax.numpy as jnp
         >>> def shift(scalars, leaves):  # elementwise: x + s[0] per leaf
         ...     return [(x + scalars[0],) for (x,) in leaves]
-        >>> per_shard_call(shift, (), jnp.ones(1), [(jnp.zeros(3),)], n_results=1)
+        >>> per_shard_call(shift, (), jnp.ones(1), [(jnp.zeros(3),)], Elementwise(1))
         [(Array([1., 1., 1.], dtype=float32),)]
     """
     if not supported(leaves):
@@ -207,9 +235,7 @@ def per_shard_call(
     meshes = _meshes(leaves)
     mesh = meshes.pop() if meshes else None
     if mesh is not None and mesh.axis_types[0] == jax.sharding.AxisType.Explicit:
-        return _shard_map_call(body, statics, scalars, leaves, n_results, frozenset(unlinked), mesh)
-    ranks = tuple(len(leaf[0].shape) for leaf in leaves)
-    n_operands = len(leaves[0]) if leaves else 0
-    call = _partitioned(body, statics, ranks, n_operands, n_results, frozenset(unlinked))
-    flat = call(scalars, *(x for leaf in leaves for x in leaf))
-    return [tuple(flat[n_results * k : n_results * (k + 1)]) for k in range(len(leaves))]
+        return _shard_map_call(body, statics, scalars, leaves, kind, mesh)
+    shapes = tuple(tuple(tuple(x.shape) for x in leaf) for leaf in leaves)
+    flat = _partitioned(body, statics, kind, shapes)(scalars, *(x for leaf in leaves for x in leaf))
+    return _split(flat, [kind.n_results] * len(leaves))
