@@ -1,4 +1,4 @@
-"""The fused CPU kernel per shard, and FlatParams of sharded leaves, on 8 simulated CPU devices.
+"""The fused CPU kernels per shard, and FlatParams of sharded leaves, on 8 simulated CPU devices.
 
 Run by ``tests/test_sharding.py`` in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
@@ -56,12 +56,12 @@ def _assert_close_to_xla(new, reference):
     assert_within_ulps(new[0], reference[0], 4, scale_floor=LR)
 
 
-def _one_device_kernel(tx, params, state, grads):
-    """The kernel's step on copies of the arrays on one device (no partitioning)."""
+def _one_device_step(tx, params, state, grads):
+    """``update_and_apply`` on copies of the arrays on one device (the kernel, unpartitioned)."""
     one = jax.devices()[0]
     args = jax.tree.map(lambda x: jax.device_put(np.asarray(x), one), (params, state, grads))
     step = jax.jit(ml.step_fn(tx, "update_and_apply"))
-    assert TARGET in step.lower(*args).compile().as_text()
+    assert 'custom_call_target="functional_adam_adam' in step.lower(*args).compile().as_text()
     return jax.block_until_ready(step(*args))
 
 
@@ -93,7 +93,7 @@ def test_kernel_runs_on_each_devices_shards(mesh_shape, layout, name):
     step = jax.jit(ml.step_fn(tx, "update_and_apply"), donate_argnums=(0, 1))
     _kernel_hlo(step, params, state, grads)
     reference = jax.block_until_ready(_xla_step(tx)(params, state, grads))
-    one_device = _one_device_kernel(tx, params, state, grads)
+    one_device = _one_device_step(tx, params, state, grads)
     new = jax.block_until_ready(step(params, state, grads))
     ml.assert_same_shardings(new, shardings)
     _assert_close_to_xla(new, reference)
@@ -238,3 +238,64 @@ def test_flat_params_of_replicated_leaves_on_a_mesh():
     new = jax.block_until_ready(step(flat, state, flat_grads))
     assert new[0].buffers["float32"].sharding.is_fully_replicated
     _assert_close_to_xla(new, reference)
+
+
+TARGET_8BIT = 'custom_call_target="functional_adam_adam8_f32"'
+
+
+@pytest.mark.parametrize(
+    ("mesh_shape", "layout", "zero1"),
+    [((8, 1), "fsdp", None), ((2, 4), "tp", None), ((8, 1), "replicated", "data")],
+    ids=lambda x: str(x),
+)
+def test_8bit_kernel_per_shard(mesh_shape, layout, zero1):
+    """8-bit leaves whose blocks follow the parameter's row shards step on their shards; the
+    others (blocks cut by the shards, a replicated 8-bit state) on gathered arrays, as the XLA
+    path gathers them. Bitwise the one-device kernel's step; shardings kept."""
+    mesh = ml.make_mesh(mesh_shape)
+    tx = fa.adamw_8bit(LR, weight_decay=0.1, min_8bit_size=64, block_size=64)
+    params = ml.placed(ml.random_tree(0), mesh, layout)
+    grads = ml.placed(ml.random_tree(1), mesh, layout)
+    state = fa.init_sharded(tx, params, zero1_axis=zero1)
+    shardings = (ml.shardings_of(params), fa.state_shardings(tx, params, zero1_axis=zero1))
+    hlo = {
+        via: jax.jit(ml.step_fn(tx, via), donate_argnums=(0, 1), out_shardings=shardings)
+        .lower(params, state, grads)
+        .compile()
+        .as_text()
+        for via in ("update", "update_and_apply")
+    }
+    assert TARGET_8BIT in hlo["update_and_apply"]
+    gathered = {n for _, _, n in ml.gathers_of_arrays(hlo["update_and_apply"])}
+    if layout == "fsdp":  # embed's and dense.kernel's blocks follow their rows; bias's do not
+        assert gathered == {96}
+    if zero1:  # the new parameters' all-gathers, as on the XLA path
+        assert sorted(ml.collectives(hlo["update_and_apply"])) == sorted(
+            ml.collectives(hlo["update"])
+        )
+    one_device = _one_device_step(tx, params, state, grads)
+    step = jax.jit(
+        ml.step_fn(tx, "update_and_apply"), donate_argnums=(0, 1), out_shardings=shardings
+    )
+    new = jax.block_until_ready(step(params, state, grads))
+    ml.assert_same_shardings(new, shardings)
+    chex.assert_trees_all_equal(jax.device_get(new), jax.device_get(one_device))
+
+
+def test_8bit_kernel_on_explicit_axes():
+    """Explicit axes: where the XLA path's reshapes into blocks are refused for blocks cut by
+    the shards, the kernel steps the gathered leaf and slices its results back."""
+    mesh = ml.make_mesh((2, 4), AxisType.Explicit)
+    tx = fa.adamw_8bit(LR, weight_decay=0.1, min_8bit_size=64, block_size=64)
+    params = ml.placed(ml.random_tree(0), mesh, "tp", full_length=True)
+    grads = ml.placed(ml.random_tree(1), mesh, "tp", full_length=True)
+    with jax.set_mesh(mesh):
+        state = fa.init_sharded(tx, params)
+    shardings = (ml.shardings_of(params), ml.shardings_of(state))
+    one_device = _one_device_step(tx, params, state, grads)
+    with jax.set_mesh(mesh):
+        step = jax.jit(ml.step_fn(tx, "update_and_apply"), donate_argnums=(0, 1))
+        assert TARGET_8BIT in step.lower(params, state, grads).compile().as_text()
+        new = jax.block_until_ready(step(params, state, grads))
+    ml.assert_same_shardings(new, shardings)
+    chex.assert_trees_all_equal(jax.device_get(new), jax.device_get(one_device))

@@ -118,7 +118,7 @@ def _call_kernel(scalars, leaves, decay, nesterov):
             )
         ]
     if jax.device_count() > 1:  # the arrays may be sharded: one call per device, on its shards
-        kind = per_shard.Elementwise(n_results=3, unlinked=frozenset({1}))  # g: resharded
+        kind = per_shard.Elementwise((0, 2, 3), unlinked=frozenset({1}))  # p, m, v; g resharded
         return per_shard.per_shard_call(_one_call, (decay, nesterov), scalars, leaves, kind)
     return _one_call(scalars, leaves, decay, nesterov)
 

@@ -53,7 +53,7 @@ Shardings = Sequence[jax.sharding.Sharding]
 class LeafKind(Protocol):
     """How one leaf's operands and results are cut (a hashable value: it keys a cache)."""
 
-    n_results: int
+    results_of: tuple[int, ...]  # per result, the operand it is written over (aliased to)
 
     def factors(self, k: int, shapes: Shapes) -> tuple[list[str], list[str]]:
         """Shardy's factors (``"a b"`` per array) of leaf ``k``'s operands and results."""
@@ -87,21 +87,21 @@ def replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
 class Elementwise:
     """Every operand and result of a leaf has the leaf's shape; the leaf takes the sharding of
     its operand cut into most pieces (the first on ties); ``unlinked`` operands (the gradient)
-    are resharded to it rather than propagated to."""
+    are resharded to it rather than propagated to. ``results_of``: see :class:`LeafKind`."""
 
-    n_results: int
+    results_of: tuple[int, ...]
     unlinked: frozenset = frozenset()
 
     def factors(self, k: int, shapes: Shapes) -> tuple[list[str], list[str]]:
         dims = " ".join(f"l{k}d{d}" for d in range(len(shapes[0])))
         own = [" ".join(f"l{k}o{j}d{d}" for d in range(len(shapes[0]))) for j in range(len(shapes))]
         operands = [own[j] if j in self.unlinked else dims for j in range(len(shapes))]
-        return operands, [dims] * self.n_results
+        return operands, [dims] * len(self.results_of)
 
     def shardings(self, shardings: Shardings, shapes: Shapes) -> tuple[list, list]:
         del shapes
         leaf = max((s for j, s in enumerate(shardings) if j not in self.unlinked), key=shards)
-        return [leaf] * len(shardings), [leaf] * self.n_results
+        return [leaf] * len(shardings), [leaf] * len(self.results_of)
 
 
 def _rule(kind: LeafKind, shapes: tuple) -> str:
@@ -194,7 +194,16 @@ def _shard_map_call(body, statics, scalars, leaves, kind, mesh):
     flat = jax.shard_map(call, mesh=mesh, in_specs=tuple(in_specs), out_specs=tuple(out_specs))(
         scalars, *operands
     )
-    return _split(flat, [kind.n_results] * len(leaves))
+    # Each result typed as the operand it replaces (a gathered leaf is sliced back).
+    return [
+        tuple(
+            jax.sharding.reshard(x, jax.typeof(leaf[j]).sharding)
+            for x, j in zip(out, kind.results_of, strict=True)
+        )
+        for out, leaf in zip(
+            _split(flat, [len(kind.results_of)] * len(leaves)), leaves, strict=True
+        )
+    ]
 
 
 def per_shard_call(
@@ -215,7 +224,7 @@ def per_shard_call(
         kind: how a leaf's arrays are cut (:class:`Elementwise` for the Adam kernel).
 
     Returns:
-        Per leaf, its ``kind.n_results`` results, sharded as ``kind`` says.
+        Per leaf, its results (one per ``kind.results_of``), sharded as ``kind`` says.
 
     Raises:
         ValueError: for arrays that :func:`supported` refuses.
@@ -224,7 +233,7 @@ def per_shard_call(
         >>> import jax.numpy as jnp
         >>> def shift(scalars, leaves):  # elementwise: x + s[0] per leaf
         ...     return [(x + scalars[0],) for (x,) in leaves]
-        >>> per_shard_call(shift, (), jnp.ones(1), [(jnp.zeros(3),)], Elementwise(1))
+        >>> per_shard_call(shift, (), jnp.ones(1), [(jnp.zeros(3),)], Elementwise((0,)))
         [(Array([1., 1., 1.], dtype=float32),)]
     """
     if not supported(leaves):
@@ -238,4 +247,4 @@ def per_shard_call(
         return _shard_map_call(body, statics, scalars, leaves, kind, mesh)
     shapes = tuple(tuple(tuple(x.shape) for x in leaf) for leaf in leaves)
     flat = _partitioned(body, statics, kind, shapes)(scalars, *(x for leaf in leaves for x in leaf))
-    return _split(flat, [kind.n_results] * len(leaves))
+    return _split(flat, [len(kind.results_of)] * len(leaves))
