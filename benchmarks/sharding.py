@@ -22,10 +22,11 @@ all-to-all, collective-permute; MB per device per step).
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/sharding.py
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/sharding.py --time-width 128 --steps 5
 
-``--kernel`` instead times ``adam``'s step on the narrower tree per layout two ways in
-one run, step by step in turn: ``update_and_apply`` (the fused C++ kernel, run by each
-device on its shards) and ``tx.update`` + ``apply_updates`` (the XLA path): medians and
-their ratio, and what each compiled step gathers.
+``--kernel`` instead times ``adam``'s and ``adam_8bit``'s steps (``--kernel-optimizers``)
+on the narrower tree per layout two ways in one run, step by step in turn:
+``update_and_apply`` (the fused C++ kernel, run by each device on its shards) and
+``tx.update`` + ``apply_updates`` (the XLA path): medians and their ratio, and what each
+compiled step gathers.
 """
 
 from __future__ import annotations
@@ -172,12 +173,15 @@ def step_seconds(tx, params, layout: str, steps: int, vias=("update_and_apply",)
     return [statistics.median(run[3]) for run in runs]
 
 
-def kernel_vs_xla(mesh, shapes, steps: int) -> None:
-    """``adam``'s step with the fused kernel per shard against the XLA path, per layout."""
-    tx = fa.adam(1e-3)
-    print("| layout | kernel ms | XLA path ms | kernel / XLA | gathered MB/step (kernel, XLA) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for layout in LAYOUTS:
+def kernel_vs_xla(mesh, shapes, steps: int, names: list[str]) -> None:
+    """The step with the fused kernel per shard against the XLA path, per optimizer and layout."""
+    print(
+        "| optimizer | layout | kernel ms | XLA path ms | kernel / XLA "
+        "| gathered MB/step (kernel, XLA) |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for name, layout in ((name, layout) for name in names for layout in LAYOUTS):
+        tx = OPTIMIZERS[name]()
         params = abstract_params(shapes, mesh, layout)
         state = fa.abstract_state(tx, params, zero1_axis=zero1_axis(layout))
         hlo = {
@@ -185,10 +189,10 @@ def kernel_vs_xla(mesh, shapes, steps: int) -> None:
             for via in ("update_and_apply", "update")
         }
         hlo = {via: compiled.as_text() for via, compiled in hlo.items()}
-        assert "functional_adam_adam_f32" in hlo["update_and_apply"], "the kernel did not apply"
+        assert 'custom_call_target="functional_adam_adam' in hlo["update_and_apply"], "no kernel"
         kernel, xla = step_seconds(tx, params, layout, steps, ("update_and_apply", "update"))
         print(
-            f"| {layout} | {kernel * 1e3:.1f} | {xla * 1e3:.1f} | {kernel / xla:.2f} | "
+            f"| {name} | {layout} | {kernel * 1e3:.1f} | {xla * 1e3:.1f} | {kernel / xla:.2f} | "
             f"{gathered_mb(hlo['update_and_apply']):,.1f}, {gathered_mb(hlo['update']):,.1f} |",
             flush=True,
         )
@@ -200,7 +204,12 @@ def main() -> None:
     parser.add_argument("--time-vocab", type=int, default=8192, help="vocabulary for step time")
     parser.add_argument("--steps", type=int, default=7, help="timed steps per cell (median)")
     parser.add_argument(
-        "--kernel", action="store_true", help="only adam: the fused kernel per shard vs XLA"
+        "--kernel", action="store_true", help="the fused kernel per shard vs the XLA path"
+    )
+    parser.add_argument(
+        "--kernel-optimizers",
+        default="adam,adam_8bit",
+        help="with --kernel: comma-separated names among " + ", ".join(OPTIMIZERS),
     )
     args = parser.parse_args()
     if jax.device_count() < 8:
@@ -223,7 +232,7 @@ def main() -> None:
     )
     print()
     if args.kernel:
-        kernel_vs_xla(mesh, small, args.steps)
+        kernel_vs_xla(mesh, small, args.steps, args.kernel_optimizers.split(","))
         return
     print(
         "| optimizer | layout | state MB/device (shards) | (compiled init) | vs replicated "
