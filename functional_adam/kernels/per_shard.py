@@ -14,18 +14,17 @@ types do carry them, and the result types must carry them too, so there the call
 is a ``jax.shard_map`` over the leaves' ``PartitionSpec`` s.
 
 How a leaf's arrays are cut is a :class:`LeafKind`'s: its Shardy factors and, at
-partitioning time, the shardings its operands and results take. :class:`Elementwise`
-is the fused Adam kernel's (the 8-bit kernel's is in
-:mod:`functional_adam.kernels.adam8_cpu`). Its rules, leaf by leaf: every array of a leaf and every result takes the
-sharding of the leaf's operand cut into the most shards (on ties the first, the
-parameter): the parameter's sharding when the state follows it, the state's under
-ZeRO-1 (whose state is the parameter's sharding plus the data axis, so the
-parameter is sliced where it lies and only the new parameter is all-gathered, as on
-the XLA path). The scalars operand is replicated. Operands marked ``unlinked``
-(the gradient) do not take part in sharding propagation: a gradient sharded
-otherwise than its parameter is resharded to the parameter's sharding (a collective
-of gradient size) instead of the parameter and the state being moved to the
-gradient's.
+partitioning time, the shardings its operands and results take (the 8-bit kernel's
+is :class:`functional_adam.kernels.adam8_cpu.Blocks`). :class:`Elementwise`, the fused
+Adam kernel's, cuts every array of a leaf and every result like the leaf's operand
+cut into the most shards (on ties the first, the parameter): the parameter's
+sharding when the state follows it, the state's under ZeRO-1 (whose state is the
+parameter's sharding plus the data axis, so the parameter is sliced where it lies
+and only the new parameter is all-gathered, as on the XLA path). The scalars
+operand is replicated. Operands marked ``unlinked`` (the gradient) do not take part
+in sharding propagation: a gradient sharded otherwise than its parameter is
+resharded to the parameter's sharding (a collective of gradient size) instead of
+the parameter and the state being moved to the gradient's.
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ class LeafKind(Protocol):
         """Shardy's factors (``"a b"`` per array) of leaf ``k``'s operands and results."""
 
     def shardings(self, shardings: Shardings, shapes: Shapes) -> tuple[list, list]:
-        """The shardings leaf's operands and results take, given its operands' (as
+        """The shardings the leaf's operands and results take, given its operands' (as
         ``NamedSharding`` where the mesh is known) and their global shapes."""
 
 
