@@ -1,7 +1,8 @@
 """state_shardings, init_sharded, ZeRO-1: one-device checks here, the meshes in a subprocess.
 
-The multi-device cases live in ``tests/mesh_cases_state.py`` and
-``tests/mesh_cases_zero1.py`` and run under pytest in a fresh interpreter with 8
+The multi-device cases live in ``tests/mesh_cases_state.py``,
+``tests/mesh_cases_zero1.py`` and ``tests/mesh_cases_kernel.py`` (the fused
+kernel per shard, ``FlatParams`` of sharded leaves) and run under pytest in a fresh interpreter with 8
 simulated CPU devices, so this process keeps its single device.
 """
 
@@ -23,7 +24,10 @@ import functional_adam as fa
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", ["tests/mesh_cases_state.py", "tests/mesh_cases_zero1.py"])
+@pytest.mark.parametrize(
+    "module",
+    ["tests/mesh_cases_state.py", "tests/mesh_cases_zero1.py", "tests/mesh_cases_kernel.py"],
+)
 def test_on_eight_simulated_devices(module):
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     out = subprocess.run(

@@ -9,14 +9,19 @@ block's float32 moments in L1 between computing the new block maxima and encodin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from functional_adam.kernels import build
+from functional_adam.kernels import build, per_shard
 from functional_adam.kernels.adam_cpu import KernelScalars
 from functional_adam.kernels.build import TARGET_8BIT
 from functional_adam.storage.blockwise import encode_moments
@@ -150,10 +155,24 @@ def _call_kernel(scalars, leaves, decay, nesterov, simd):
         ]
     if not build.available():
         raise RuntimeError("functional_adam: the CPU kernel is not available (see the warning)")
-    operands = [scalars, jnp.asarray(codec_constants())]
+    flat = [(p, g, *mu, *nu) for p, g, mu, nu in leaves]  # θ, g, m codes, m scales, v ...
+    # The scalars, then the codec's tables: one replicated operand (no constant in the call).
+    packed = jnp.concatenate([scalars, jnp.asarray(codec_constants())])
+    if jax.device_count() > 1:  # the arrays may be sharded: one call per device, on its shards
+        out = per_shard.per_shard_call(_one_call, (decay, nesterov, simd), packed, flat, Blocks())
+    else:
+        out = _one_call(packed, flat, decay, nesterov, simd)
+    return [(r[0], BlockQuantized(*r[1:3]), BlockQuantized(*r[3:5])) for r in out]
+
+
+def _one_call(packed, leaves, decay, nesterov, simd):
+    """The kernel's ``jax.ffi`` call: ``(θ, g, m codes, m scales, v codes, v scales)`` per leaf
+    in, ``(θ, m codes, m scales, v codes, v scales)`` out; ``packed`` is the scalars, then
+    :func:`codec_constants`."""
+    n = len(KernelScalars._fields)
+    operands = [packed[:n], packed[n:]]
     results, aliases = [], {}
-    for k, (p, g, mu, nu) in enumerate(leaves):
-        ins = [p, g, mu.codes, mu.scale, nu.codes, nu.scale]
+    for k, ins in enumerate(leaves):
         operands += ins
         outs = [ins[0], *ins[2:]]  # θ, m codes, m scales, v codes, v scales
         results += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs]
@@ -163,11 +182,48 @@ def _call_kernel(scalars, leaves, decay, nesterov, simd):
         TARGET_8BIT, results, input_output_aliases=aliases, vmap_method="sequential"
     )
     flat = call(*operands, decay=np.asarray(decay, np.int64), nesterov=bool(nesterov), simd=simd)
-    return [
-        (
-            flat[5 * k],
-            BlockQuantized(*flat[5 * k + 1 : 5 * k + 3]),
-            BlockQuantized(*flat[5 * k + 3 : 5 * k + 5]),
-        )
-        for k in range(len(leaves))
-    ]
+    return [tuple(flat[5 * k : 5 * k + 5]) for k in range(len(leaves))]
+
+
+def block_axes(param: Any, codes: Any, shape: tuple[int, ...], blocks: tuple[int, int]):
+    """The mesh axes over which a leaf's blocks and its parameter's first axis are cut alike,
+    ``()`` for none (all replicated), or ``None`` where no such cut is local."""
+    if not (isinstance(param, NamedSharding) and isinstance(codes, NamedSharding)):
+        return None if per_shard.shards(param) > 1 or per_shard.shards(codes) > 1 else ()
+    spec, code_spec = (tuple(s.spec) + (None,) * 2 for s in (param, codes))
+    if not shape or per_shard.axes_of(spec[1 : len(shape)]) or per_shard.axes_of(code_spec[1:]):
+        return None if per_shard.shards(param) > 1 or per_shard.shards(codes) > 1 else ()
+    mine, theirs = sorted((per_shard.axes_of(spec[:1]), per_shard.axes_of(code_spec[:1])), key=len)
+    if theirs[: len(mine)] != mine:
+        return None
+    k = math.prod(param.mesh.shape[a] for a in theirs)
+    n_blocks, block = blocks
+    size = math.prod(shape)
+    if shape[0] % k or n_blocks % k or size != n_blocks * block:
+        return None  # a shard of the parameter would not be whole blocks
+    return tuple(theirs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """An 8-bit leaf ``(θ, g, m codes, m scales, v codes, v scales)``, cut per shard where its
+    blocks lie along the parameter's first-axis shards (:func:`block_axes`); else replicated
+    (the arrays gathered, as the XLA path gathers them). The gradient is resharded to θ's."""
+
+    results_of: tuple[int, ...] = (0, 2, 3, 4, 5)
+
+    def factors(self, k: int, shapes) -> tuple[list[str], list[str]]:
+        theta = " ".join(f"l{k}p{d}" for d in range(len(shapes[0])))
+        grad = " ".join(f"l{k}g{d}" for d in range(len(shapes[0])))
+        codes, scales = f"l{k}b l{k}e", f"l{k}b"
+        return [theta, grad, codes, scales, codes, scales], [theta, codes, scales, codes, scales]
+
+    def shardings(self, shardings, shapes) -> tuple[list, list]:
+        axes = block_axes(shardings[0], shardings[2], tuple(shapes[0]), tuple(shapes[2]))
+        if not axes:
+            one = per_shard.replicated(shardings[0])
+            return [one] * 6, [one] * 5
+        mesh, entry = shardings[0].mesh, axes[0] if len(axes) == 1 else axes
+        theta = NamedSharding(mesh, P(entry, *[None] * (len(shapes[0]) - 1)))
+        codes, scales = NamedSharding(mesh, P(entry, None)), NamedSharding(mesh, P(entry))
+        return [theta, theta, codes, scales, codes, scales], [theta, codes, scales, codes, scales]

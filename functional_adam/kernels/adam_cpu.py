@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from functional_adam.core.numerics import saturate, store
+from functional_adam.kernels import per_shard
 from functional_adam.kernels.build import TARGETS
 
 # Leaves per kernel call: XLA's compile time grows about cubically with the number of
@@ -110,7 +111,9 @@ def adam_step(
     ``scalars`` holds :class:`KernelScalars` (stacked) in the leaves' dtype; every array of every
     leaf has that dtype. ``p``, ``m`` and ``v`` are aliased to their results, so
     with donated inputs the step writes into the buffers it reads. Leaves go in
-    calls of :data:`LEAVES_PER_CALL`. Differentiable (through
+    calls of :data:`LEAVES_PER_CALL`. With several devices each device runs the
+    kernel on its shards (:mod:`functional_adam.kernels.per_shard`: ``g``, ``m``
+    and ``v`` take the sharding of ``p``). Differentiable (through
     :func:`reference_step`) and batchable (``jax.vmap`` calls the kernel once per
     batch element).
     """
@@ -134,6 +137,14 @@ def _call_kernel(scalars, leaves, decay, nesterov):
                 nesterov,
             )
         ]
+    if jax.device_count() > 1:  # the arrays may be sharded: one call per device, on its shards
+        kind = per_shard.Elementwise((0, 2, 3), unlinked=frozenset({1}))  # p, m, v; g resharded
+        return per_shard.per_shard_call(_one_call, (decay, nesterov), scalars, leaves, kind)
+    return _one_call(scalars, leaves, decay, nesterov)
+
+
+def _one_call(scalars, leaves, decay, nesterov):
+    """The kernel's ``jax.ffi`` call on these arrays."""
     dtype = scalars.dtype
     operands = [scalars]
     results = []

@@ -11,12 +11,14 @@ its kernel step through ``chain``, ``optax.chain`` and
 ``optax.inject_hyperparams``.
 
 The kernel step applies where every parameter, gradient and moment is float32
-(or every one float64), every hyperparameter is a scalar, and the only device is
-one CPU; or, with ``FUNCTIONAL_ADAM_GPU_GROUPED=1``, on one GPU with float32
+(or every one float64), every hyperparameter is a scalar, and the devices are
+CPUs; or, with ``FUNCTIONAL_ADAM_GPU_GROUPED=1``, on one GPU with float32
 parameters and float32 or bfloat16 moments (the grouped Pallas kernel of
 :mod:`functional_adam.kernels.adam_gpu`). Anything else (bf16 moments on a CPU,
-several devices that may shard the state, a tree that does not match the state)
-takes the chain, which also gives the errors for bad input.
+several GPUs, a tree that does not match the state) takes the chain, which also
+gives the errors for bad input. With several CPU devices each runs the kernel on
+its shards of each leaf, with the gradient resharded to its parameter's sharding
+where they differ (:mod:`functional_adam.kernels.per_shard`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 
 from functional_adam.core.base import GradientTransformation, ScalarOrSchedule, chain
 from functional_adam.core.numerics import safe_increment
-from functional_adam.kernels import adam_cpu, build
+from functional_adam.kernels import adam_cpu, build, per_shard
 from functional_adam.kernels.dispatch import fusable
 from functional_adam.optimizers.adam import ScaleByAdamState, bias_corrections, scale_by_adam
 from functional_adam.transforms.learning_rate import scale_by_learning_rate
@@ -75,10 +77,12 @@ def _where() -> str | None:
 
 
 def cpu_kernel_applies() -> bool:
-    """Whether a CPU kernel may run the step: one CPU device, and the kernel loads."""
-    # An accelerator: XLA fuses the step there. Several CPU devices: the state may be sharded,
-    # and XLA cannot partition the kernel's call (it would gather every array on each device).
-    return jax.default_backend() == "cpu" and jax.device_count() == 1 and build.available()
+    """Whether a CPU kernel may run the step: the devices are CPUs, and the kernel loads.
+
+    On an accelerator XLA fuses the step. With several CPU devices the kernel runs
+    on each device's shards (:mod:`functional_adam.kernels.per_shard`).
+    """
+    return jax.default_backend() == "cpu" and build.available()
 
 
 def decay_rate(weight_decay: ScalarOrSchedule, decay_state: Any) -> tuple[Any, Any]:
@@ -148,6 +152,8 @@ def adam_chain(
         if found is None:
             return None
         leaves, treedef, dtype = found
+        if jax.device_count() > 1 and not per_shard.supported(leaves):
+            return None  # a mesh of Auto and Explicit axes together
         count = safe_increment(adam_state.count)
         hyper = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask)
         found = step_scalars(hyper, count, lr_tx, lr_state, decay_state, params, dtype)

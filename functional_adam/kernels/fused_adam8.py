@@ -2,7 +2,7 @@
 
 :func:`adam8_chain` builds ``chain(scale_by_adam_8bit, [add_decayed_weights],
 scale_by_learning_rate)`` and, with it, the step that computes the same chain and
-the parameter update in one pass: on one CPU device the C++ kernels (8-bit
+the parameter update in one pass: on the CPU the C++ kernels (8-bit
 leaves: :mod:`functional_adam.kernels.adam8_cpu`; leaves below ``min_8bit_size``,
 which keep float32 moments: :mod:`functional_adam.kernels.adam_cpu`), on one GPU
 the Pallas kernel (:mod:`functional_adam.kernels.adam8_gpu`; the float32-moment
@@ -11,10 +11,13 @@ the codes and scales equal the chain's and the parameters are within a few ulps
 (``tests/test_native_8bit.py``, ``tests/test_pallas_8bit.py``).
 
 The kernel step applies where every parameter and gradient is float32, every
-plain moment float32, every hyperparameter a scalar, and there is one device: a
-CPU whose kernel was built with its AVX-512 code (its scalar code, for other
-CPUs, is slower than XLA's loops), or a GPU; anything else takes the chain,
-which also gives the errors for bad input.
+plain moment float32, every hyperparameter a scalar, and the devices are CPUs
+whose kernel was built with its AVX-512 code (its scalar code, for other CPUs,
+is slower than XLA's loops), or one GPU; anything else takes the chain, which
+also gives the errors for bad input. With several CPU devices each runs the
+kernels on its shards (:mod:`functional_adam.kernels.per_shard`): an 8-bit leaf
+whose blocks follow its parameter's first-axis shards steps there, any other on
+gathered arrays (:class:`functional_adam.kernels.adam8_cpu.Blocks`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 
 from functional_adam.core.base import GradientTransformation, ScalarOrSchedule, chain
 from functional_adam.core.numerics import safe_increment
-from functional_adam.kernels import adam8_cpu, adam_cpu, build
+from functional_adam.kernels import adam8_cpu, adam_cpu, build, per_shard
 from functional_adam.kernels.dispatch import fusable
 from functional_adam.kernels.fused_adam import cpu_kernel_applies, step_scalars
 from functional_adam.storage.quantized import BlockQuantized
@@ -79,12 +82,12 @@ def kernel_leaves(grads: Any, state: Any, params: Any):
 
 def _where() -> str | None:
     """Where the one-pass step runs: ``"cpu"`` (C++ kernels), ``"gpu"`` (Pallas), or ``None``."""
-    if jax.device_count() != 1:  # the state may be sharded; a kernel call cannot be partitioned
-        return None
     backend = jax.default_backend()
-    if backend == "cpu":
+    if backend == "cpu":  # with several devices, each on its shards (kernels/per_shard.py)
         # The kernel's scalar code (CPUs without AVX-512) is slower than XLA's loops.
         return "cpu" if cpu_kernel_applies() and build.has_8bit_simd() else None
+    if jax.device_count() != 1:  # a GPU kernel call is not partitioned: the XLA path
+        return None
     return "gpu" if backend == "gpu" else None
 
 
@@ -152,6 +155,8 @@ def adam8_chain(
         if found is None:
             return None
         treedef, leaves = found
+        if jax.device_count() > 1 and not per_shard.supported([jax.tree.leaves(x) for x in leaves]):
+            return None  # a mesh of Auto and Explicit axes together
         count = safe_increment(adam_state.count)
         hyper = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask)
         found = step_scalars(hyper, count, lr_tx, lr_state, decay_state, params, jnp.float32)
