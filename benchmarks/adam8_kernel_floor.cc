@@ -48,19 +48,19 @@ void Run(int64_t n) {
     p[i] = normal(rng), g[i] = 0.01f * normal(rng), m[i] = 0.1f * normal(rng), v[i] = 0.01f;
     mc[i] = static_cast<int8_t>(rng()), vc[i] = static_cast<uint8_t>(rng());
   }
-  const Params s{0.9f, 0.1f, 0.999f, 0.001f, 1e-8f, 0.f, 10.f, 1000.f, 5.26f, -1e-3f, 0.f};
+  const float s32[11] = {0.9f, 0.1f, 0.999f, 0.001f, 1e-8f, 0.f, 10.f, 1000.f, 5.26f, -1e-3f, 0.f};
+  const Params s = ReadParams(s32);
   const Map mm = ReadMap(consts.data()), vm = ReadMap(consts.data() + kMapSize);
   const Leaf x{p.data(), g.data(), mc.data(), ms.data(), vc.data(), vs.data(), p.data(),
                mc.data(), ms.data(), vc.data(), vs.data(), n, kBlock, false};
   const double eight = Best([&] {
 #ifdef FA_AVX512
     const MapV mv = Vectors(mm, true), vv = Vectors(vm, false);
-    for (int64_t b = 0; b < blocks; ++b) BlockVector<false>(s, mv, vv, x, b);
+    for (int64_t b = 0; b < blocks; ++b) BlockVector<false>(s, mv, vv, mm, vm, x, b);
 #else
     for (int64_t b = 0; b < blocks; ++b) BlockScalar<false>(s, mm, vm, x, b);
 #endif
   });
-  const float s32[11] = {0.9f, 0.1f, 0.999f, 0.001f, 1e-8f, 0.f, 10.f, 1000.f, 5.26f, -1e-3f, 0.f};
   const float32_kernel::Leaf<float> y{p.data(), g.data(), m.data(), v.data(),
                                       p.data(), m.data(), v.data(), false};
   const double f32 = Best([&] { float32_kernel::StepRange<float, false, false>(s32, y, 0, n); });

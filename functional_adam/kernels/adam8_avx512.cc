@@ -65,86 +65,110 @@ inline __m512i IndexV(__m512 a, const MapV& map) {
   return _mm512_min_epi32(k, _mm512_permutexvar_epi32(r, map.last));
 }
 
-inline __mmask16 ValidV(__m512 m, __m512 v) {
-  constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;  // QNaN, +inf, -inf, SNaN
-  return static_cast<__mmask16>(~(_mm512_fpclass_ps_mask(m, kNonFinite) |
-                                  _mm512_fpclass_ps_mask(v, kNonFinite)));
-}
-
 template <bool kNesterov>
-inline __m512 DirectionV(const Params& s, __m512 g, __m512 m, __m512 v) {
-  __m512 m_hat;
+inline __m512 MHatV(const Params& s, __m512 g, __m512 m) {
   if constexpr (kNesterov) {
-    m_hat = _mm512_fmadd_ps(
+    return _mm512_fmadd_ps(
         _mm512_set1_ps(s.omb1), _mm512_mul_ps(g, _mm512_set1_ps(s.inv_bc1)),
         _mm512_mul_ps(_mm512_set1_ps(s.b1), _mm512_mul_ps(m, _mm512_set1_ps(s.inv_bc1_next))));
-  } else {
-    m_hat = _mm512_mul_ps(m, _mm512_set1_ps(s.inv_bc1));
   }
-  const __m512 root = _mm512_sqrt_ps(
-      _mm512_fmadd_ps(v, _mm512_set1_ps(s.inv_bc2), _mm512_set1_ps(s.eps_root)));
-  return _mm512_div_ps(m_hat, _mm512_add_ps(root, _mm512_set1_ps(s.eps)));
+  return _mm512_mul_ps(m, _mm512_set1_ps(s.inv_bc1));
 }
 
+inline __m512 DenominatorV(const Params& s, __m512 v) {
+  const __m512 r = _mm512_sqrt_ps(
+      _mm512_fmadd_ps(v, _mm512_set1_ps(s.inv_bc2), _mm512_set1_ps(s.eps_root)));
+  return _mm512_add_ps(r, _mm512_set1_ps(s.eps));
+}
+
+// The first sweep over 16 elements at i (kMasked: `real` of them are the leaf's, the rest
+// padding with g = 0): new m and sqrt(v) into M and R, their bits' running maxima (unsigned:
+// any non-finite value, and only such, reaches 0x7f800000 or above), and θ.
+template <bool kNesterov, bool kMasked>
+inline void MomentsV(const Params& s, const MapV& mm, const MapV& vm, const Leaf& x,
+                     int64_t at, int64_t i, __mmask16 real, __m512 sm, __m512 sv, float* M,
+                     float* R, __m512i& m_max, __m512i& r_max) {
+  const __m512 g = kMasked ? _mm512_maskz_loadu_ps(real, x.g + at) : _mm512_loadu_ps(x.g + at);
+  const __m512 md = _mm512_mul_ps(DecodeSignedV(x.m_in + at, mm), sm);
+  const __m512 t = _mm512_mul_ps(DecodeUnsignedV(x.v_in + at, vm), sv);
+  const __m512 m = _mm512_fmadd_ps(_mm512_set1_ps(s.omb1), g,
+                                   _mm512_mul_ps(_mm512_set1_ps(s.b1), md));
+  const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(s.omb2), _mm512_mul_ps(g, g),
+                                   _mm512_mul_ps(_mm512_set1_ps(s.b2), _mm512_mul_ps(t, t)));
+  const __m512 root = _mm512_sqrt_ps(v);
+  _mm512_store_ps(M + i, m);
+  _mm512_store_ps(R + i, root);
+  const __m512i abs_m = _mm512_and_si512(_mm512_castps_si512(m), _mm512_set1_epi32(INT32_MAX));
+  m_max = _mm512_max_epu32(m_max, abs_m);
+  r_max = _mm512_max_epu32(r_max, _mm512_castps_si512(root));
+  if (kMasked && !real) return;
+  const __m512 p = kMasked ? _mm512_maskz_loadu_ps(real, x.p_in + at) : _mm512_loadu_ps(x.p_in + at);
+  __m512 u = _mm512_div_ps(MHatV<kNesterov>(s, g, m), DenominatorV(s, v));
+  if (x.decay) u = _mm512_fmadd_ps(_mm512_set1_ps(s.wd), p, u);
+  const __m512 p_new = _mm512_fmadd_ps(_mm512_set1_ps(s.neg_lr), u, p);
+  if (kMasked) {
+    _mm512_mask_storeu_ps(x.p + at, real, p_new);
+  } else {
+    _mm512_storeu_ps(x.p + at, p_new);
+  }
+}
+
+// The codes of 16 elements at i from their new m and sqrt(v), all valid (finite).
+inline void EncodeV(const MapV& mm, const MapV& vm, const Leaf& x, int64_t at, __m512 m,
+                    __m512 root, __m512 m_inv, __m512 v_inv) {
+  const __m512 am = _mm512_mul_ps(_mm512_abs_ps(m), m_inv);
+  const __m512i km = IndexV(am, mm);
+  __m512i kv = IndexV(_mm512_mul_ps(root, v_inv), vm);
+  // A positive v never gets the zero code: kv = max(kv, root > 0) (root >= 0: its bits order it).
+  kv = _mm512_max_epi32(kv, _mm512_min_epu32(_mm512_castps_si512(root), _mm512_set1_epi32(1)));
+  // Negative m (its sign bit: -0 encodes as 0 either way) takes -min(k, largest negative).
+  const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(m));
+  const __m512i cm = _mm512_mask_sub_epi32(km, negative, _mm512_setzero_si512(),
+                                           _mm512_min_epi32(km, mm.largest_negative));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(x.m + at), _mm512_cvtepi32_epi8(cm));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(x.v + at), _mm512_cvtepi32_epi8(kv));
+}
+
+inline float MaxOf(__m512i bits) {
+  const uint32_t top = _mm512_reduce_max_epu32(bits);
+  float out;
+  std::memcpy(&out, &top, sizeof(out));
+  return out;
+}
+
+// One block: the moments and θ in a first sweep, the scales, the codes in a second sweep
+// over the moments in L1. A block with a non-finite m or v (rare) is encoded by the scalar
+// code, which the saturation policy is written in.
 template <bool kNesterov>
-void BlockVector(const Params& s, const MapV& mm, const MapV& vm, const Leaf& x, int64_t b) {
+void BlockVector(const Params& s, const MapV& mm, const MapV& vm, const Map& m_map,
+                 const Map& v_map, const Leaf& x, int64_t b) {
   alignas(64) float M[kMaxBlock];
-  alignas(64) float V[kMaxBlock];
-  __mmask16 valids[kMaxBlock / 16];
+  alignas(64) float R[kMaxBlock];
   const int64_t start = b * x.block, count = std::min(x.block, x.size - start);
   const __m512 sm = _mm512_set1_ps(x.ms_in[b]), sv = _mm512_set1_ps(x.vs_in[b]);
-  const __m512 b1 = _mm512_set1_ps(s.b1), omb1 = _mm512_set1_ps(s.omb1);
-  const __m512 b2 = _mm512_set1_ps(s.b2), omb2 = _mm512_set1_ps(s.omb2);
-  const __m512 wd = _mm512_set1_ps(s.wd), neg_lr = _mm512_set1_ps(s.neg_lr);
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  __m512 m_max = _mm512_setzero_ps(), v_max = _mm512_setzero_ps();
+  __m512i m_max = _mm512_setzero_si512(), r_max = _mm512_setzero_si512();
   Prefetch(x, start + kPrefetchAhead * x.block, x.block);
-  for (int64_t i = 0; i < x.block; i += 16) {
-    const int64_t left = count - i;
-    const __mmask16 real = left >= 16 ? 0xFFFF : (left > 0 ? (1u << left) - 1 : 0);
-    const __m512 g = _mm512_maskz_loadu_ps(real, x.g + start + i);
-    const __m512 md = _mm512_mul_ps(DecodeSignedV(x.m_in + start + i, mm), sm);
-    const __m512 t = _mm512_mul_ps(DecodeUnsignedV(x.v_in + start + i, vm), sv);
-    const __m512 m = _mm512_fmadd_ps(omb1, g, _mm512_mul_ps(b1, md));
-    const __m512 v = _mm512_fmadd_ps(omb2, _mm512_mul_ps(g, g), _mm512_mul_ps(b2, _mm512_mul_ps(t, t)));
-    _mm512_store_ps(M + i, m);
-    _mm512_store_ps(V + i, v);
-    const __mmask16 valid = ValidV(m, v);
-    valids[i / 16] = valid;
-    m_max = _mm512_mask_max_ps(m_max, valid, m_max, _mm512_andnot_ps(sign, m));
-    v_max = _mm512_mask_max_ps(v_max, valid, v_max, v);
-    if (real) {
-      const __m512 p = _mm512_maskz_loadu_ps(real, x.p_in + start + i);
-      __m512 u = DirectionV<kNesterov>(s, g, m, v);
-      if (x.decay) u = _mm512_fmadd_ps(wd, p, u);
-      _mm512_mask_storeu_ps(x.p + start + i, real, _mm512_fmadd_ps(neg_lr, u, p));
-    }
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    MomentsV<kNesterov, false>(s, mm, vm, x, start + i, i, 0xFFFF, sm, sv, M, R, m_max,
+                                        r_max);
   }
-  const float m_scale = _mm512_reduce_max_ps(m_max);
-  const float v_scale = std::sqrt(_mm512_reduce_max_ps(v_max));
+  for (; i < x.block; i += 16) {  // the final block's last elements and padding
+    const int64_t left = count - i;
+    const __mmask16 real = left > 0 ? (1u << left) - 1 : 0;
+    MomentsV<kNesterov, true>(s, mm, vm, x, start + i, i, real, sm, sv, M, R, m_max,
+                                       r_max);
+  }
+  const float m_scale = MaxOf(m_max), v_scale = MaxOf(r_max);
+  if (!(m_scale <= FLT_MAX && v_scale <= FLT_MAX)) [[unlikely]] {
+    MomentsScalar<kNesterov>(s, m_map, v_map, x, b, false, M, R);
+    EncodeScalar(m_map, v_map, x, b, M, R);
+    return;
+  }
   const __m512 m_inv = _mm512_set1_ps(m_scale > 0 ? 1.0f / m_scale : 0.0f);
   const __m512 v_inv = _mm512_set1_ps(v_scale > 0 ? 1.0f / v_scale : 0.0f);
-  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
-  for (int64_t i = 0; i < x.block; i += 16) {
-    const __m512 m = _mm512_load_ps(M + i), v = _mm512_load_ps(V + i);
-    const __m512 root = _mm512_sqrt_ps(v);
-    const __mmask16 valid = valids[i / 16];
-    __m512 am = _mm512_mul_ps(_mm512_andnot_ps(sign, m), m_inv);
-    __m512 av = _mm512_mul_ps(root, v_inv);
-    if (valid != 0xFFFF) [[unlikely]] {  // invalid elements saturate (NaN m: to 0)
-      const __mmask16 nan = _mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q);
-      am = _mm512_mask_mov_ps(am, ~valid, _mm512_mask_mov_ps(one, nan, zero));
-      av = _mm512_mask_mov_ps(av, ~valid, one);
-    }
-    const __m512i km = IndexV(am, mm);
-    __m512i kv = IndexV(av, vm);
-    // A positive v never gets the zero code: kv = max(kv, v > 0) (v >= 0, so its bits order it).
-    kv = _mm512_max_epi32(kv, _mm512_min_epu32(_mm512_castps_si512(v), _mm512_set1_epi32(1)));
-    const __mmask16 negative = _mm512_cmp_ps_mask(m, zero, _CMP_LT_OQ);
-    const __m512i cm = _mm512_mask_sub_epi32(km, negative, _mm512_setzero_si512(),
-                                             _mm512_min_epi32(km, mm.largest_negative));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(x.m + start + i), _mm512_cvtepi32_epi8(cm));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(x.v + start + i), _mm512_cvtepi32_epi8(kv));
+  for (int64_t j = 0; j < x.block; j += 16) {
+    EncodeV(mm, vm, x, start + j, _mm512_load_ps(M + j), _mm512_load_ps(R + j), m_inv, v_inv);
   }
   x.ms[b] = m_scale;
   x.vs[b] = v_scale;
