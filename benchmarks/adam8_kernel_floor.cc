@@ -6,7 +6,7 @@
 //       -I$(python -c "import jax; print(jax.ffi.include_dir())") \
 //       benchmarks/adam8_kernel_floor.cc -o /tmp/adam8_floor && /tmp/adam8_floor
 //
-// Runs the kernel's own block function (functional_adam/kernels/adam8_cpu.cc, Adam without
+// Runs the kernel's own block loop (functional_adam/kernels/adam8_cpu.cc, Adam without
 // NAdam or decay, blocks of 256) on 32K elements that stay in cache (the arithmetic) and on
 // 4M elements (arithmetic and DRAM), and the float32 kernel's loop (adam_cpu.cc) likewise.
 // Best of 15 runs, ns per element. AVX-512 code where the compiler targets it.
@@ -56,7 +56,7 @@ void Run(int64_t n) {
   const double eight = Best([&] {
 #ifdef FA_AVX512
     const MapV mv = Vectors(mm, true), vv = Vectors(vm, false);
-    for (int64_t b = 0; b < blocks; ++b) BlockVector<false>(s, mv, vv, mm, vm, x, b);
+    BlocksVector<false>(s, mv, vv, mm, vm, x, 0, blocks);
 #else
     for (int64_t b = 0; b < blocks; ++b) BlockScalar<false>(s, mm, vm, x, b);
 #endif

@@ -1,8 +1,8 @@
 // One fused 8-bit Adam(W) step over any number of float32 leaves, for XLA:CPU through jax.ffi.
 //
 // Each leaf is θ, g and two block-quantized moments (functional_adam.storage.quantized):
-// int8 codes of m and uint8 codes of sqrt(v), one float32 absmax per block. For each
-// block, in one pass over the block that keeps its float32 moments in L1:
+// int8 codes of m and uint8 codes of sqrt(v), one float32 absmax per block. Per block, in
+// two sweeps over its float32 moments kept in L1:
 //
 //   m̃, ṽ = decode(codes) · scale            (ṽ = (decode · scale)²)
 //   m = (1 - b1) g + b1 m̃                   v = (1 - b2) g² + b2 ṽ
@@ -18,6 +18,9 @@
 // divides by the bias corrections and this kernel multiplies by their reciprocals.
 // Everything is updated in place (the Python side aliases each result to its operand).
 // Blocks are shared out in chunks over all leaves together on XLA's intra-op thread pool.
+// The AVX-512 code (adam8_avx512.cc) encodes each block while it computes the next one's
+// moments, so that the square roots and divisions of the one overlap the table look-ups of
+// the other; a block holding a non-finite moment is finished by the scalar code here.
 
 #include <algorithm>
 #include <atomic>
@@ -242,9 +245,7 @@ struct Work {
 #ifdef FA_AVX512
     if (simd && x.block % 16 == 0) {
       const MapV mm = Vectors(m_map, true), vm = Vectors(v_map, false);
-      for (int64_t b = lo; b < hi; ++b) {
-        BlockVector<kNesterov>(params, mm, vm, m_map, v_map, x, b);
-      }
+      BlocksVector<kNesterov>(params, mm, vm, m_map, v_map, x, lo, hi);
       return;
     }
 #endif
