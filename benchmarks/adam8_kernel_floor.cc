@@ -6,7 +6,7 @@
 //       -I$(python -c "import jax; print(jax.ffi.include_dir())") \
 //       benchmarks/adam8_kernel_floor.cc -o /tmp/adam8_floor && /tmp/adam8_floor
 //
-// Runs the kernel's own block function (functional_adam/kernels/adam8_cpu.cc, Adam without
+// Runs the kernel's own block loop (functional_adam/kernels/adam8_cpu.cc, Adam without
 // NAdam or decay, blocks of 256) on 32K elements that stay in cache (the arithmetic) and on
 // 4M elements (arithmetic and DRAM), and the float32 kernel's loop (adam_cpu.cc) likewise.
 // Best of 15 runs, ns per element. AVX-512 code where the compiler targets it.
@@ -48,19 +48,19 @@ void Run(int64_t n) {
     p[i] = normal(rng), g[i] = 0.01f * normal(rng), m[i] = 0.1f * normal(rng), v[i] = 0.01f;
     mc[i] = static_cast<int8_t>(rng()), vc[i] = static_cast<uint8_t>(rng());
   }
-  const Params s{0.9f, 0.1f, 0.999f, 0.001f, 1e-8f, 0.f, 10.f, 1000.f, 5.26f, -1e-3f, 0.f};
+  const float s32[11] = {0.9f, 0.1f, 0.999f, 0.001f, 1e-8f, 0.f, 10.f, 1000.f, 5.26f, -1e-3f, 0.f};
+  const Params s = ReadParams(s32);
   const Map mm = ReadMap(consts.data()), vm = ReadMap(consts.data() + kMapSize);
   const Leaf x{p.data(), g.data(), mc.data(), ms.data(), vc.data(), vs.data(), p.data(),
                mc.data(), ms.data(), vc.data(), vs.data(), n, kBlock, false};
   const double eight = Best([&] {
 #ifdef FA_AVX512
     const MapV mv = Vectors(mm, true), vv = Vectors(vm, false);
-    for (int64_t b = 0; b < blocks; ++b) BlockVector<false>(s, mv, vv, x, b);
+    BlocksVector<false>(s, mv, vv, mm, vm, x, 0, blocks);
 #else
     for (int64_t b = 0; b < blocks; ++b) BlockScalar<false>(s, mm, vm, x, b);
 #endif
   });
-  const float s32[11] = {0.9f, 0.1f, 0.999f, 0.001f, 1e-8f, 0.f, 10.f, 1000.f, 5.26f, -1e-3f, 0.f};
   const float32_kernel::Leaf<float> y{p.data(), g.data(), m.data(), v.data(),
                                       p.data(), m.data(), v.data(), false};
   const double f32 = Best([&] { float32_kernel::StepRange<float, false, false>(s32, y, 0, n); });

@@ -165,3 +165,27 @@ def test_wrapped_in_inject_hyperparams(name, kwargs):
     u_inj, s_inj = jax.jit(injected.update)(grads, jax.jit(injected.init)(params), params)
     chex.assert_trees_all_close(u_inj, u, rtol=1e-5)
     chex.assert_trees_all_close(s_inj.inner_state, s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adam_8bit", "adamw_8bit", "lion_8bit", "ademamix_8bit"])
+def test_8bit_sizes_injected_as_int_arrays(name):
+    """Without ``static_args`` inject_hyperparams passes block_size and min_8bit_size as int
+    arrays: init takes their values, a jitted update (where they are traced) the state's
+    shapes; a jitted init cannot, and its error names the argument and ``static_args``."""
+    factory = getattr(fa, name)
+    kwargs = {"learning_rate": 1e-2, "block_size": 64, "min_8bit_size": 100}
+    injected, plain = optax.inject_hyperparams(factory)(**kwargs), factory(**kwargs)
+    params = [jnp.linspace(-1.0, 1.0, 300).reshape(3, 100), jnp.ones(7)]  # 8-bit, plain
+    grads = [jnp.cos(params[0]), -jnp.ones(7)]
+    state = injected.init(params)
+    chex.assert_trees_all_equal(state.inner_state, plain.init(params))  # blocks of 64
+    u, s = jax.jit(plain.update)(grads, plain.init(params), params)
+    u_inj, s_inj = jax.jit(injected.update)(grads, state, params)
+    chex.assert_trees_all_close(u_inj, u, rtol=1e-5)
+    chex.assert_trees_all_close(s_inj.inner_state, s, rtol=1e-5, atol=1e-6)
+    p_fused, _ = jax.jit(lambda g, s, p: fa.update_and_apply(injected, g, s, p))(
+        grads, state, params
+    )
+    chex.assert_trees_all_close(p_fused, optax.apply_updates(params, u), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"block_size is traced.*static_args"):
+        jax.jit(injected.init)(params)

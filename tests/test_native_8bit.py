@@ -12,6 +12,7 @@ import pytest
 import functional_adam as fa
 from functional_adam.kernels import adam8_cpu, build
 from functional_adam.storage import quantized as qz
+from functional_adam.storage.codec import index_rule, make_codec
 from tests.trees import assert_within_ulps
 
 TARGET = "functional_adam_adam8_f32"
@@ -169,6 +170,52 @@ def test_simd_and_scalar_code_are_bitwise_equal_and_match_the_reference(block, s
         assert_within_ulps(
             p_k[finite], p_r[finite], ULPS, scale_floor=np.abs(np.asarray(p[finite]))
         )
+
+
+def _encode_inputs(seed=0) -> np.ndarray:
+    """Float32 a in [0, 1]: every midpoint of both maps and thresholds and the four floats on
+    each side, powers of two from 2^-40 with two floats on each side, zero and subnormals,
+    and 2^18 random bit patterns (log-uniform) and 2^16 uniform values."""
+    edges = [make_codec(s).midpoints[:-1] for s in (True, False)]
+    edges += [make_codec(s).thresholds for s in (True, False)]
+    edges = np.concatenate([*edges, np.ldexp(np.float32(1), np.arange(-40, 1))])
+    bits = edges.astype(np.float32).view(np.int32)[:, None] + np.arange(-4, 5)
+    rng = np.random.default_rng(seed)
+    random_bits = rng.integers(0, np.float32(1).view(np.int32), 2**18, dtype=np.int32)
+    a = np.concatenate([bits.ravel(), random_bits, [0, 1, 2, 3, 2**20]]).view(np.float32)
+    a = np.concatenate([a, rng.uniform(0, 1, 2**16).astype(np.float32)])
+    return a[(a >= 0) & (a <= 1)]
+
+
+@pytest.mark.parametrize("simd", [True, False])
+def test_codes_follow_the_rule_at_every_midpoint(simd):
+    """With b1 = b2 = 0 and one element 1.0 per block, m = g and v = g² with scales 1: the
+    kernel's codes of m and sqrt(v) are those of the codec's rule (index_rule), signs,
+    ties and the smallest codes included."""
+    a = _encode_inputs()
+    block = 4096
+    per_block = block - 1  # and one 1.0: the block maximum, scale 1
+    blocks = -(-a.size // per_block)
+    values = np.zeros(blocks * per_block, np.float32)
+    values[: a.size] = a
+    g = np.concatenate([np.ones((blocks, 1), np.float32), values.reshape(blocks, -1)], axis=1)
+    rng = np.random.default_rng(1)
+    g *= np.where(rng.random(g.shape) < 0.5, -1, 1).astype(np.float32)
+    g = g.reshape(-1)
+    mu, nu = qz.zeros(g.shape, block, signed=True), qz.zeros(g.shape, block, signed=False)
+    scalars = jnp.array([0.0, 1.0, 0.0, 1.0, 1e-8, 0.0, 1.0, 1.0, 1.0, -0.01, 0.0])
+    leaf = (jnp.zeros_like(g), jnp.asarray(g), mu, nu)
+    _, mu, nu = adam8_cpu.adam8_step(scalars, [leaf], (False,), False, simd)[0]
+    np.testing.assert_array_equal(mu.scale, 1.0)
+    np.testing.assert_array_equal(nu.scale, 1.0)
+    k = index_rule(np.abs(g), make_codec(True))
+    expected_m = np.where(g < 0, -np.minimum(k, 127), k)
+    v = g * g  # float32, as the kernel rounds it; XLA:CPU flushes subnormal results to 0
+    root = np.sqrt(np.where(v < np.finfo(np.float32).tiny, np.float32(0), v))
+    expected_v = index_rule(root, make_codec(False))
+    expected_v = np.where((root > 0) & (expected_v == 0), 1, expected_v)
+    np.testing.assert_array_equal(np.asarray(mu.codes).reshape(-1), expected_m.astype(np.int8))
+    np.testing.assert_array_equal(np.asarray(nu.codes).reshape(-1), expected_v)
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,29 @@ _NOT_CONCRETE = (
 )
 
 
+def static_int(value: Any) -> Any:
+    """``value`` as a Python int where it is a concrete integer, else ``value`` unchanged.
+
+    Concrete integers are Python and numpy integers and 0-d integer arrays (numpy or
+    JAX), the form in which ``optax.inject_hyperparams`` passes a size such as
+    ``block_size``; bools, floats, tracers and anything else are returned as they are,
+    for the caller's check to accept or name.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> static_int(jnp.asarray(256)), static_int(np.int64(8)), static_int(2.0)
+        (256, 8, 2.0)
+    """
+    if isinstance(value, bool | np.bool_ | jax.core.Tracer):
+        return value
+    if isinstance(value, np.integer):
+        return int(value)
+    is_array = isinstance(value, np.ndarray | jax.Array)
+    if is_array and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer):
+        return int(value)
+    return value
+
+
 def concrete_values(value: Any) -> np.ndarray | None:
     """The value as a float64 numpy array, or ``None`` if it is traced."""
     if isinstance(value, jax.core.Tracer):

@@ -1,8 +1,8 @@
 // One fused 8-bit Adam(W) step over any number of float32 leaves, for XLA:CPU through jax.ffi.
 //
 // Each leaf is θ, g and two block-quantized moments (functional_adam.storage.quantized):
-// int8 codes of m and uint8 codes of sqrt(v), one float32 absmax per block. For each
-// block, in one pass over the block that keeps its float32 moments in L1:
+// int8 codes of m and uint8 codes of sqrt(v), one float32 absmax per block. Per block, in
+// two sweeps over its float32 moments kept in L1:
 //
 //   m̃, ṽ = decode(codes) · scale            (ṽ = (decode · scale)²)
 //   m = (1 - b1) g + b1 m̃                   v = (1 - b2) g² + b2 ṽ
@@ -18,9 +18,13 @@
 // divides by the bias corrections and this kernel multiplies by their reciprocals.
 // Everything is updated in place (the Python side aliases each result to its operand).
 // Blocks are shared out in chunks over all leaves together on XLA's intra-op thread pool.
+// The AVX-512 code (adam8_avx512.cc) encodes each block while it computes the next one's
+// moments, so that the square roots and divisions of the one overlap the table look-ups of
+// the other; a block holding a non-finite moment is finished by the scalar code here.
 
 #include <algorithm>
 #include <atomic>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -84,6 +88,11 @@ struct Params {
   float b1, omb1, b2, omb2, eps, eps_root, inv_bc1, inv_bc2, inv_bc1_next, neg_lr, wd;
 };
 
+Params ReadParams(const float* s) {
+  return {s[kB1],     s[kOneMinusB1], s[kB2],     s[kOneMinusB2], s[kEps], s[kEpsRoot],
+          s[kInvBc1], s[kInvBc2],     s[kInvBc1Next], s[kNegLr],   s[kWd]};
+}
+
 struct Leaf {
   const float* p_in;
   const float* g;
@@ -130,40 +139,51 @@ inline bool Finite(float x) { return std::isfinite(x); }
 
 // Multiply-adds are explicit (std::fma, _mm512_fmadd_ps) wherever XLA:CPU contracts the
 // same expression, so that both code paths round alike whatever the compiler contracts.
-template <bool kNesterov>
-inline float Direction(const Params& s, float g, float m, float v) {
-  float m_hat;
-  if constexpr (kNesterov) {
-    m_hat = std::fma(s.omb1, g * s.inv_bc1, s.b1 * (m * s.inv_bc1_next));
-  } else {
-    m_hat = m * s.inv_bc1;
-  }
-  return m_hat / (std::sqrt(std::fma(v, s.inv_bc2, s.eps_root)) + s.eps);
+
+inline float Denominator(const Params& s, float v) {
+  return std::sqrt(std::fma(v, s.inv_bc2, s.eps_root)) + s.eps;
 }
 
 template <bool kNesterov>
-void BlockScalar(const Params& s, const Map& mm, const Map& vm, const Leaf& x, int64_t b) {
-  float M[kMaxBlock], V[kMaxBlock];
+inline float MHat(const Params& s, float g, float m) {
+  if constexpr (kNesterov) return std::fma(s.omb1, g * s.inv_bc1, s.b1 * (m * s.inv_bc1_next));
+  return m * s.inv_bc1;
+}
+
+// The new moments of block b into M and V (the final block's padding: g = 0) and, if
+// `theta`, the new θ of the block's elements.
+template <bool kNesterov>
+void MomentsScalar(const Params& s, const Map& mm, const Map& vm, const Leaf& x, int64_t b,
+                   bool theta, float* M, float* V) {
   const int64_t start = b * x.block, count = std::min(x.block, x.size - start);
   const float sm = x.ms_in[b], sv = x.vs_in[b];
-  float m_max = 0.0f, v_max = 0.0f;
   for (int64_t i = 0; i < x.block; ++i) {
-    const float g = i < count ? x.g[start + i] : 0.0f;  // the final block's padding: g = 0
+    const float g = i < count ? x.g[start + i] : 0.0f;
     const float md = DecodeSigned(x.m_in[start + i], mm) * sm;
     const float t = DecodeUnsigned(x.v_in[start + i], vm) * sv;
     const float m = std::fma(s.omb1, g, s.b1 * md);
     const float v = std::fma(s.omb2, g * g, s.b2 * (t * t));
     M[i] = m;
     V[i] = v;
-    if (Finite(m) && Finite(v)) {
-      m_max = std::max(m_max, std::fabs(m));
-      v_max = std::max(v_max, v);
-    }
-    if (i < count) {
+    if (theta && i < count) {
       const float p = x.p_in[start + i];
-      float u = Direction<kNesterov>(s, g, m, v);
+      float u = MHat<kNesterov>(s, g, m) / Denominator(s, v);
       if (x.decay) u = std::fma(s.wd, p, u);
       x.p[start + i] = std::fma(s.neg_lr, u, p);
+    }
+  }
+}
+
+// The scales (absolute maxima of the valid m and sqrt(v)) and codes of block b from its new
+// moments (valid: m and v finite; invalid ones saturate).
+void EncodeScalar(const Map& mm, const Map& vm, const Leaf& x, int64_t b, const float* M,
+                  const float* V) {
+  const int64_t start = b * x.block;
+  float m_max = 0.0f, v_max = 0.0f;
+  for (int64_t i = 0; i < x.block; ++i) {
+    if (Finite(M[i]) && Finite(V[i])) {
+      m_max = std::max(m_max, std::fabs(M[i]));
+      v_max = std::max(v_max, V[i]);
     }
   }
   const float m_scale = m_max, v_scale = std::sqrt(v_max);
@@ -183,6 +203,13 @@ void BlockScalar(const Params& s, const Map& mm, const Map& vm, const Leaf& x, i
   }
   x.ms[b] = m_scale;
   x.vs[b] = v_scale;
+}
+
+template <bool kNesterov>
+void BlockScalar(const Params& s, const Map& mm, const Map& vm, const Leaf& x, int64_t b) {
+  float M[kMaxBlock], V[kMaxBlock];
+  MomentsScalar<kNesterov>(s, mm, vm, x, b, true, M, V);
+  EncodeScalar(mm, vm, x, b, M, V);
 }
 
 // Asks for the cache lines of the elements [at, at + n) of a leaf (those that exist), so
@@ -218,11 +245,17 @@ struct Work {
 #ifdef FA_AVX512
     if (simd && x.block % 16 == 0) {
       const MapV mm = Vectors(m_map, true), vm = Vectors(v_map, false);
-      for (int64_t b = lo; b < hi; ++b) BlockVector<kNesterov>(params, mm, vm, x, b);
+      BlocksVector<kNesterov>(params, mm, vm, m_map, v_map, x, lo, hi);
       return;
     }
 #endif
-    for (int64_t b = lo; b < hi; ++b) BlockScalar<kNesterov>(params, m_map, v_map, x, b);
+    for (int64_t b = lo; b < hi; ++b) {
+      BlockScalar<kNesterov>(params, m_map, v_map, x, b);
+    }
+  }
+
+  void Blocks(const Leaf& x, int64_t lo, int64_t hi) {
+    nesterov ? Blocks<true>(x, lo, hi) : Blocks<false>(x, lo, hi);
   }
 
   // Takes chunks until none is left; returns after the last chunk it took is written.
@@ -234,7 +267,7 @@ struct Work {
         const int64_t a = std::max(lo, starts[k]) - starts[k];
         const int64_t b = std::min(hi, starts[k + 1]) - starts[k];
         if (a >= b) continue;
-        nesterov ? Blocks<true>(leaves[k], a, b) : Blocks<false>(leaves[k], a, b);
+        Blocks(leaves[k], a, b);
       }
       done.fetch_add(1, std::memory_order_release);
     }
@@ -295,10 +328,7 @@ ffi::Error Adam8Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 1> scalars,
     return Invalid("expected 6 operands and 5 results per leaf");
   }
   auto work = std::make_shared<Work>();
-  const float* s = scalars.typed_data();
-  work->params = {s[kB1],      s[kOneMinusB1], s[kB2],      s[kOneMinusB2],
-                  s[kEps],     s[kEpsRoot],    s[kInvBc1],  s[kInvBc2],
-                  s[kInvBc1Next], s[kNegLr],   s[kWd]};
+  work->params = ReadParams(scalars.typed_data());
   work->m_map = ReadMap(consts.typed_data());
   work->v_map = ReadMap(consts.typed_data() + kMapSize);
   work->nesterov = nesterov;

@@ -100,6 +100,9 @@ def scale_by_adam_8bit(
         block_size: elements per quantization block (one float32 scale each),
             a positive power of two.
         min_8bit_size: leaves with fewer elements keep unquantized moments.
+            Both sizes may be ints or 0-d integer arrays, as ``optax.inject_hyperparams``
+            passes them; ``init`` needs them concrete, and ``update`` reads them from
+            the state (so their traced copies in a jitted update are not used).
 
     Returns:
         A ``GradientTransformation`` with state :class:`ScaleByAdam8bitState`.

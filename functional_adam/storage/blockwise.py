@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from functional_adam.core.checks import static_int
 from functional_adam.core.lift import PLAIN, LeafStep, Moment
 from functional_adam.core.numerics import cast, compute_dtype, moment_dtype
 from functional_adam.storage.codec import decode_codes_by_rule, make_codec
@@ -65,7 +66,9 @@ _CHUNKED_MIN_SIZE = 2**22
 
 
 def check_min_size(min_8bit_size: int) -> int:
-    """``min_8bit_size`` as a non-negative int, or a ``ValueError`` naming it."""
+    """``min_8bit_size`` as a non-negative Python int (from an int, a numpy integer or a concrete
+    0-d integer array), or a ``ValueError`` naming it."""
+    min_8bit_size = static_int(min_8bit_size)
     if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
         raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
     return min_8bit_size
@@ -128,6 +131,10 @@ def _set_blocks(q: BlockQuantized, start, new: BlockQuantized) -> BlockQuantized
     return jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, start, 0), q, new)
 
 
+def _unless_traced(check: Any, value: Any) -> Any:
+    return value if isinstance(value, jax.core.Tracer) else check(value)
+
+
 class BlockStorage(NamedTuple):
     """Moments of leaves of at least ``min_8bit_size`` elements as 8-bit blocks.
 
@@ -141,11 +148,26 @@ class BlockStorage(NamedTuple):
     min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE
 
     def checked(self) -> BlockStorage:
-        """This storage, or a ``ValueError`` naming the argument at fault."""
-        return BlockStorage(check_block_size(self.block_size), check_min_size(self.min_8bit_size))
+        """This storage with Python ints, or a ``ValueError`` naming the argument at fault.
+
+        A traced size is kept as it is: ``optax.inject_hyperparams`` passes its copy of
+        the sizes, traced inside a jitted ``update``, where the steps read the block size
+        and which leaves are quantized from the state; ``init`` needs them concrete.
+        """
+        return BlockStorage(
+            _unless_traced(check_block_size, self.block_size),
+            _unless_traced(check_min_size, self.min_8bit_size),
+        )
 
     def quantizes(self, param: Any) -> bool:
         """Whether the moments of ``param`` are stored in 8 bits."""
+        for name in ("block_size", "min_8bit_size"):
+            if isinstance(getattr(self, name), jax.core.Tracer):
+                raise ValueError(
+                    f"{name} is traced where the 8-bit state is made: it sets the state's "
+                    "shapes, so it must be a concrete int (with optax.inject_hyperparams under "
+                    "jax.jit, pass static_args=('block_size', 'min_8bit_size'))"
+                )
         return math.prod(param.shape) >= self.min_8bit_size and jnp.issubdtype(
             param.dtype, jnp.floating
         )

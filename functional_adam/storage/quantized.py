@@ -38,8 +38,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from functional_adam.core.checks import static_int
 from functional_adam.storage.codec import (  # noqa: F401  (dynamic_map, make_codec: public here too)
     decode_codes,
     dynamic_map,
@@ -60,7 +60,10 @@ class BlockQuantized(NamedTuple):
 
 
 def check_block_size(block_size: int, name: str = "block_size") -> int:
-    """Returns ``block_size`` if it is a positive power of two (a Python int), else raises.
+    """``block_size`` as a Python int if it is a positive power of two, else a ``ValueError``.
+
+    A numpy integer or a concrete 0-d integer array (as ``optax.inject_hyperparams``
+    passes it) counts as its value.
 
     Example:
         >>> check_block_size(100)
@@ -68,7 +71,8 @@ def check_block_size(block_size: int, name: str = "block_size") -> int:
         ...
         ValueError: block_size must be a positive power of two (e.g. 256 or 2048), got 100
     """
-    ok = isinstance(block_size, int | np.integer) and not isinstance(block_size, bool)
+    block_size = static_int(block_size)
+    ok = isinstance(block_size, int) and not isinstance(block_size, bool)
     if not ok or block_size < 1 or block_size & (block_size - 1):
         raise ValueError(
             f"{name} must be a positive power of two (e.g. 256 or 2048), got {block_size!r}"
