@@ -3,15 +3,12 @@ and it lowers to Triton for CUDA. Not timed here: there is no GPU (benchmarks/ad
 
 from __future__ import annotations
 
-import re
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax import export
 
 import functional_adam as fa
 from functional_adam.kernels import adam8_cpu, adam8_gpu, fused_adam8
@@ -23,9 +20,7 @@ from tests.test_native_8bit import (
     _kernel_inputs,
     _tree,
 )
-from tests.trees import assert_within_ulps
-
-TRITON = "__gpu$xla.gpu.triton"
+from tests.trees import assert_within_ulps, cuda_module, triton_launches
 
 
 def _assert_matches_reference(out, reference, leaves):
@@ -68,13 +63,8 @@ def test_leaves_go_in_few_launches_and_lower_to_triton_for_cuda(monkeypatch):
     def step(scalars, leaves):
         return adam8_gpu.adam8_step(scalars, leaves, decay, False, False)
 
-    exported = export.export(
-        jax.jit(step),
-        platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)],
-    )(SCALARS, leaves)
-    module = exported.mlir_module()
-    assert len(re.findall(r"custom_call @" + re.escape(TRITON), module)) == 3
+    module = cuda_module(step, SCALARS, leaves)
+    assert triton_launches(module) == 3
     assert "num_warps = 4" in module
 
 

@@ -4,21 +4,17 @@ Not timed here: there is no GPU (``python benchmarks/update_step.py --gpu-groupe
 
 from __future__ import annotations
 
-import re
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax import export
 
 import functional_adam as fa
 from functional_adam.kernels import adam_cpu, adam_gpu, fused_adam
-from tests.trees import assert_within_ulps
+from tests.trees import assert_within_ulps, cuda_module, triton_launches
 
-TRITON = "__gpu$xla.gpu.triton"
 # θ within ULPS of max(|θ|, STEP), STEP bounding lr·|u|: the programs contract multiply-adds
 # into fmas their own ways, and the XLA path divides by the bias corrections where the kernel
 # multiplies by their inverses.
@@ -77,13 +73,8 @@ def test_leaves_go_in_few_launches_and_lower_to_triton_for_cuda(monkeypatch):
     def step(scalars, leaves):
         return adam_gpu.adam_step(scalars, leaves, decay, False, False)
 
-    exported = export.export(
-        jax.jit(step),
-        platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)],
-    )(SCALARS, leaves)
-    module = exported.mlir_module()
-    assert len(re.findall(r"custom_call @" + re.escape(TRITON), module)) == 2
+    module = cuda_module(step, SCALARS, leaves)
+    assert triton_launches(module) == 2
     assert "num_warps = 4" in module
 
 

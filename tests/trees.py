@@ -104,3 +104,24 @@ def displacement_error(ours, theirs, start) -> float:
     """The largest ``|ours - theirs|`` as a fraction of the largest displacement ``|theirs - start|``."""
     ours, theirs, start = (np.asarray(x, np.float64) for x in (ours, theirs, start))
     return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs - start)))
+
+
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def cuda_module(step, *args) -> str:
+    """The MLIR module of ``jax.jit(step)(*args)`` exported for CUDA (Pallas calls lowered to
+    Triton), without a GPU."""
+    from jax import export
+
+    exported = export.export(
+        jax.jit(step),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)],
+    )(*args)
+    return exported.mlir_module()
+
+
+def triton_launches(module: str) -> int:
+    """How many Triton kernels a :func:`cuda_module` launches."""
+    return module.count(f"custom_call @{TRITON}")

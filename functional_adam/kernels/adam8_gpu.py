@@ -25,6 +25,7 @@ from jax.experimental.pallas import triton as plt
 
 from functional_adam.kernels.adam8_cpu import Leaf8, reference_step
 from functional_adam.kernels.adam_cpu import KernelScalars
+from functional_adam.kernels.adam_gpu import launch
 from functional_adam.storage.codec import (
     decode_codes_by_rule,
     make_codec,
@@ -140,19 +141,9 @@ def _call(scalars, leaves, decay, nesterov, interpret):
         operands += ins
         out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (ins[0], *ins[2:])]
         aliases |= {1 + 6 * k + j: 5 * k + o for o, j in enumerate((0, 2, 3, 4, 5))}
-    any_space = pl.BlockSpec(memory_space=pl.ANY)
     kernel = functools.partial(_kernel, starts, sizes, block, group, decay, nesterov)
-    flat = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(starts[-1],),
-        in_specs=[any_space] * len(operands),
-        out_specs=[any_space] * len(out_shape),
-        input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-        interpret=interpret,
-        name="functional_adam_adam8",
-    )(*operands)
+    flat = launch(kernel, operands, out_shape, aliases, starts[-1], "functional_adam_adam8",
+                  NUM_WARPS, interpret)  # fmt: skip
     return [
         (
             flat[5 * k].reshape(p.shape),

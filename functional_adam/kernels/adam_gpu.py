@@ -75,6 +75,23 @@ def _kernel(starts, sizes, decay, nesterov, scalars_ref, *refs):
                 plt.store(ref.at[run], x, mask=ok)
 
 
+def launch(kernel, operands, out_shape, aliases, programs, name, num_warps, interpret):
+    """One ``pallas_call`` of ``programs`` programs over whole arrays in memory (``pl.ANY``):
+    the kernel loads and stores what each program needs, results aliased per ``aliases``."""
+    any_space = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(programs,),
+        in_specs=[any_space] * len(operands),
+        out_specs=[any_space] * len(out_shape),
+        input_output_aliases=aliases,
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name=name,
+    )(*operands)
+
+
 def _call(scalars, leaves, decay, nesterov, interpret):
     programs = [pl.cdiv(p.size, ELEMENTS_PER_PROGRAM) for p, *_ in leaves]
     starts = tuple(int(x) for x in np.concatenate([[0], np.cumsum(programs)]))
@@ -85,18 +102,9 @@ def _call(scalars, leaves, decay, nesterov, interpret):
         operands += [p, g, m, v]
         out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (p, m, v)]
         aliases |= {1 + 4 * k: 3 * k, 3 + 4 * k: 3 * k + 1, 4 + 4 * k: 3 * k + 2}
-    any_space = pl.BlockSpec(memory_space=pl.ANY)
-    flat = pl.pallas_call(
-        functools.partial(_kernel, starts, sizes, decay, nesterov),
-        out_shape=out_shape,
-        grid=(starts[-1],),
-        in_specs=[any_space] * len(operands),
-        out_specs=[any_space] * len(out_shape),
-        input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-        interpret=interpret,
-        name="functional_adam_adam_grouped",
-    )(*operands)
+    kernel = functools.partial(_kernel, starts, sizes, decay, nesterov)
+    flat = launch(kernel, operands, out_shape, aliases, starts[-1], "functional_adam_adam_grouped",
+                  NUM_WARPS, interpret)  # fmt: skip
     return [
         tuple(x.reshape(p.shape) for x in flat[3 * k : 3 * k + 3])
         for k, (p, *_) in enumerate(leaves)
