@@ -20,6 +20,7 @@ from functional_adam.core.base import (
     chain,
     identity,
 )
+from functional_adam.core.lift import layout_hints
 from functional_adam.core.numerics import safe_increment
 from functional_adam.kernels.dispatch import update_and_apply
 from functional_adam.optimizers.adabelief import ScaleByBeliefState, adabelief, scale_by_belief
@@ -139,6 +140,7 @@ __all__ = [
     "identity",
     "init_sharded",
     "lamb",
+    "layout_hints",
     "lion",
     "lion_8bit",
     "nadam",

@@ -266,16 +266,16 @@ def test_state_shardings_follow_the_parameters_and_zero1_adds_the_data_axis():
     assert r["adamw_zero1"][f"{adam}.nu['b']"] == "P(('fsdp', 'data'),)"
     assert r["adamw_zero1"][f"{adam}.mu['big']"] == "P('data',)"
     assert r["adamw_zero1"][f"{adam}.count"] == "P()"
-    # 8-bit: 'w' (128·64 elements) is 32 blocks of 256, split over fsdp like the parameter
-    # (and fsdp·data with ZeRO-1); 'big' (32 blocks) is replicated like its parameter, over
-    # data with ZeRO-1; 'b' (32 elements, under min_8bit_size) keeps float32 moments.
-    # w is sharded on its columns: its row-major blocks cross the shards, so they stay whole
-    # (and go over data alone with ZeRO-1).
-    assert r["8bit"]["[0].mu['w'].codes"] == "P()"
-    assert r["8bit"]["[0].mu['w'].scale"] == "P()"
+    # 8-bit: 'w' (128·64 elements) is split over fsdp on its columns: each shard's 128 x 16
+    # elements are 8 blocks of its own, codes (1, 4, 8, 256) sharded like the parameter (and
+    # each shard's blocks over data with ZeRO-1); 'big' (32 blocks) is replicated like its
+    # parameter, over data with ZeRO-1; 'b' (32 elements, under min_8bit_size) keeps float32
+    # moments.
+    assert r["8bit"]["[0].mu['w'].codes"] == "P(None, 'fsdp')"
+    assert r["8bit"]["[0].mu['w'].scale"] == "P(None, 'fsdp')"
     assert r["8bit"]["[0].nu['big'].codes"] == "P()"
     assert r["8bit"]["[0].mu['b']"] == "P('fsdp',)"
-    assert r["8bit_zero1"]["[0].mu['w'].codes"] == "P('data',)"
+    assert r["8bit_zero1"]["[0].mu['w'].codes"] == "P(None, 'fsdp', 'data')"
     assert r["8bit_zero1"]["[0].nu['big'].codes"] == "P('data',)"
     # The float32 master copy of bfloat16 parameters is sharded like a moment.
     assert r["master"][".master['w']"] == "P('data', 'fsdp')"

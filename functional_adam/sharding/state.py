@@ -5,7 +5,9 @@ and each of its subtrees is matched against the parameters' tree, as
 ``optax.tree_map_params`` does: a subtree with the parameters' structure whose
 leaves have the parameters' shapes (``mu``, ``nu``, the master copies of
 ``with_master_weights``) takes the parameters' shardings, leaf by leaf; 8-bit
-leaves follow :func:`~functional_adam.sharding.rules.block_quantized_shardings`;
+leaves follow :func:`~functional_adam.sharding.rules.block_quantized_shardings`
+(``tx.init`` is traced under :func:`~functional_adam.layout_hints` with the
+parameters' shardings, so 8-bit blocks are laid out per shard);
 everything else (the step count, unmatched leaves) is replicated on the
 parameters' mesh. The rules are in :mod:`functional_adam.sharding.rules`.
 """
@@ -19,8 +21,14 @@ import jax
 from jax.sharding import Sharding
 
 from functional_adam.core.base import GradientTransformation, OptState, Params
+from functional_adam.core.lift import layout_hints
 from functional_adam.sharding import rules
-from functional_adam.sharding.checks import check_axis, check_same_placement, first_mismatch
+from functional_adam.sharding.checks import (
+    check_axis,
+    check_same_placement,
+    first_mismatch,
+    first_shape_mismatch,
+)
 from functional_adam.sharding.rules import LeafSharding
 from functional_adam.storage.flat import FlatState
 
@@ -179,13 +187,19 @@ def _plan(node: Any, target: _Target, zero1_axis: str | None) -> Any:
     return treedef.unflatten([_plan(child, target, zero1_axis) for _, child in leaves])
 
 
+def _hints(target: _Target) -> Any:
+    """The parameters' shardings as :func:`~functional_adam.core.lift.layout_hints`."""
+    return target.treedef.unflatten([p.sharding for p in target.params])
+
+
 def _planned(tx: GradientTransformation, params: Params, zero1_axis, param_shardings):
     """``(abstract state, tree of LeafSharding)`` for ``tx.init(params)``."""
     target = _params_target(params, param_shardings)
     if zero1_axis is not None:
         check_axis(zero1_axis, target.params[0].sharding if target.params else None, "zero1_axis")
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    abstract = jax.eval_shape(tx.init, abstract_params)
+    with layout_hints(_hints(target)):  # 8-bit blocks laid out per shard
+        abstract = jax.eval_shape(lambda p: tx.init(p), abstract_params)
     if not target.params:
         return abstract, jax.tree.map(lambda _: None, abstract)
     return abstract, _plan(abstract, target, zero1_axis)
@@ -208,10 +222,13 @@ def state_shardings(
 
     - a leaf in a subtree with the parameters' structure and shapes (moments,
       ``with_master_weights``' master copies) gets its parameter's sharding;
-    - an 8-bit leaf of ``adam_8bit`` (codes ``(n_blocks, block_size)``, scale
-      ``(n_blocks,)``) is sharded along its block axis like the parameter's
-      first axis when the parameter is sharded on its first axis only and each
-      shard holds whole blocks; otherwise it is **replicated**;
+    - an 8-bit leaf of ``adam_8bit`` (and the other 8-bit optimizers) of a parameter
+      split over several shards is laid out per shard (codes
+      ``(S_0, ..., S_{r-1}, n_local_blocks, block_size)``,
+      :mod:`functional_adam.storage.shard_blocks`) and sharded on its leading axes
+      like the parameter; with ``zero1_axis``, that axis also splits each shard's
+      blocks when it divides their number. An unsplit parameter keeps flat codes
+      ``(n_blocks, block_size)``, split over ``zero1_axis`` when it divides ``n_blocks``;
     - the buffers of :func:`~functional_adam.flatten` are replicated; sharded
       parameters are refused (a buffer holds many leaves, it cannot follow their
       shardings). :class:`~functional_adam.FlatParams` buffers are parameters
@@ -357,7 +374,9 @@ def init_sharded(
                 "not a jax.Array; for abstract parameters use abstract_state or state_shardings."
             )
     shardings = state_shardings(tx, params, zero1_axis=zero1_axis)
-    return jax.jit(tx.init, out_shardings=shardings)(params)
+    hints = jax.tree.map(lambda x: x.sharding, params)
+    with layout_hints(hints):  # read while tracing: a fresh function, so no cached trace
+        return jax.jit(lambda p: tx.init(p), out_shardings=shardings)(params)
 
 
 def check_state_shardings(
@@ -378,7 +397,8 @@ def check_state_shardings(
         >>> params = {"w": jnp.ones(3)}
         >>> fa.check_state_shardings(fa.adam(1e-3), fa.adam(1e-3).init(params), params)
     """
-    expected = state_shardings(tx, params, zero1_axis=zero1_axis)
-    mismatch = first_mismatch(state, expected)
+    abstract = abstract_state(tx, params, zero1_axis=zero1_axis)
+    expected = jax.tree.map(lambda x: x.sharding, abstract)
+    mismatch = first_shape_mismatch(state, abstract) or first_mismatch(state, expected)
     if mismatch is not None:
         raise ValueError(f"check_state_shardings: {mismatch}")
