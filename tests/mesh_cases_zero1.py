@@ -229,12 +229,13 @@ def _one_device_twin(tx, host, counts, grads):
 
 
 def test_adam_8bit_zero1_and_orbax_on_tensor_parallel(tmp_path):
-    """ZeRO-1 adds 'data' to each shard's block axis; the run is bitwise the one-device twin's,
-    and Orbax restores the shard-major state onto the same layout."""
+    """ZeRO-1 blocks each moment per shard of its ZeRO-1 sharding; the run is bitwise the
+    one-device twin's, and Orbax restores the shard-major state onto the same layout."""
     mesh = ml.make_mesh((2, 4))
     tx = fa.adam_8bit(1e-2, min_8bit_size=1024)
     rng = np.random.default_rng(0)
-    shapes = {"w": (64, 256), "b": (1024,), "e": (16, 64)}  # e: 16 x 16 per shard, 1 block
+    # e: 'data' divides neither 17 nor 68 / 4; its 17 x 17 per shard are 2 padded blocks.
+    shapes = {"w": (64, 256), "b": (1024,), "e": (17, 68)}
     specs = {"w": P(None, "model"), "b": P(), "e": P(None, "model")}
     host, *grads = (
         {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(4)
@@ -246,20 +247,21 @@ def test_adam_8bit_zero1_and_orbax_on_tensor_parallel(tmp_path):
     params = place(host)
     shardings = fa.state_shardings(tx, params, zero1_axis="data")
     rows = {r.path: r for r in fa.describe_state_shardings(tx, params, zero1_axis="data")}
-    assert rows["[0].mu['w'].codes"].shape == (1, 4, 16, 256)  # 64 x 64 per shard: 16 blocks
-    assert shardings[0].mu["w"].codes.spec == P(None, "model", "data")
-    assert rows["[0].mu['w'].codes"].reason.endswith("'data' added (ZeRO-1)")
-    assert shardings[0].mu["e"].codes.spec == P(None, "model")  # 1 block per shard
-    assert "not over 'data': 1 blocks per shard for 2" in rows["[0].nu['e'].scale"].reason
-    assert shardings[0].mu["b"].codes.spec == P("data")  # replicated: the flat layout
-    assert rows["[0].mu['b'].codes"].shape == (4, 256)
+    assert rows["[0].mu['w'].codes"].shape == (2, 4, 8, 256)  # 32 x 64 per shard: 8 blocks
+    assert shardings[0].mu["w"].codes.spec == P("data", "model")
+    assert rows["[0].mu['w'].codes"].reason.endswith("(plus 'data' on dim 0 (ZeRO-1))")
+    assert rows["[0].mu['b'].codes"].shape == (2, 2, 256)  # replicated: split by ZeRO-1 alone
+    assert shardings[0].nu["b"].scale.spec == P("data")
+    assert rows["[0].mu['e'].codes"].shape == (1, 4, 2, 256)
+    assert shardings[0].mu["e"].codes.spec == P(None, "model")
+    assert "not partitioned over 'data'" in rows["[0].nu['e'].scale"].reason
 
     state = fa.init_sharded(tx, params, zero1_axis="data")
     ml.assert_same_shardings(state, shardings)
     out = (ml.shardings_of(params), shardings)
     sharded = _run(tx, params, state, [place(g) for g in grads], out_shardings=out)
     ml.assert_same_shardings(sharded, out)
-    counts = {"w": (1, 4), "b": None, "e": (1, 4)}
+    counts = {"w": (2, 4), "b": (2,), "e": (1, 4)}
     chex.assert_trees_all_equal(
         jax.device_get(sharded), jax.device_get(_one_device_twin(tx, host, counts, grads))
     )

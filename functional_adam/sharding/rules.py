@@ -177,6 +177,20 @@ def block_quantized_shardings(
     return LeafSharding(codes, reason), LeafSharding(scale, reason)
 
 
+def layout_sharding(
+    sharding: Sharding, shape: tuple[int, ...], zero1_axis: str | None
+) -> LeafSharding:
+    """The sharding a moment of this parameter gets: the parameter's, plus ``zero1_axis``.
+
+    8-bit blocks are laid out per shard of this sharding (its shard counts are the
+    :func:`~functional_adam.layout_hints` that ``init`` gets), so with ZeRO-1 each
+    device also keeps only its part of the 8-bit state.
+    """
+    if zero1_axis is None or not isinstance(sharding, NamedSharding):
+        return LeafSharding(sharding, "")
+    return add_axis_to_first_free_dim(sharding, shape, zero1_axis)
+
+
 def shard_major_shardings(
     param_sharding: Sharding,
     param_shape: tuple[int, ...],
@@ -185,43 +199,30 @@ def shard_major_shardings(
 ) -> tuple[LeafSharding, LeafSharding]:
     """Shardings of shard-major codes ``(S_0, ..., S_{r-1}, n_local, block_size)`` and scales.
 
-    The leading axes take the parameter's spec entries, so each device holds the
-    blocks of its own shard; with ``zero1_axis`` (not used by the parameter) that axis
-    also splits the ``n_local`` axis when it divides. Codes laid out for other shard
-    counts than the parameter's are refused with a ``ValueError`` naming both.
+    The leading axes take the spec of the moment's sharding (:func:`layout_sharding`:
+    the parameter's, plus ``zero1_axis`` on the dimension ZeRO-1 chooses), so each
+    device holds the blocks of its own shard. Codes laid out for other shard counts
+    are refused with a ``ValueError`` naming both layouts.
     """
     r = len(param_shape)
-    if not isinstance(param_sharding, NamedSharding):
-        raise ValueError(
-            f"8-bit blocks laid out for {codes_shape[:r]} shards (codes {codes_shape}) but the "
-            f"parameter is on one device ({param_sharding})"
-        )
-    mesh = param_sharding.mesh
-    spec = padded_spec(param_sharding, r)
+    layout = layout_sharding(param_sharding, param_shape, zero1_axis)
+    sharding = layout.sharding
+    spec = padded_spec(sharding, r) if isinstance(sharding, NamedSharding) else [None] * r
+    mesh = getattr(sharding, "mesh", None)
     counts = tuple(axes_size(mesh, entry) for entry in spec)
     if counts != tuple(codes_shape[:r]):
         raise ValueError(
             f"8-bit blocks laid out for {tuple(codes_shape[:r])} shards (codes {codes_shape}) "
-            f"but the parameter is split into {counts} ({param_sharding.spec})"
+            f"but the state of this parameter is split into {counts} ({sharding})"
         )
-    reason = f"8-bit shard-major: blocks of each shard of {param_sharding.spec}"
-    n_local = codes_shape[-2]
-    local_entry = None
-    used = {a for entry in spec for a in _axes(entry)}
-    if zero1_axis is not None and zero1_axis not in used:
-        if n_local % mesh.shape[zero1_axis] == 0:
-            local_entry, reason = zero1_axis, reason + f", {zero1_axis!r} added (ZeRO-1)"
-        else:
-            reason += (
-                f", not over {zero1_axis!r}: {n_local} blocks per shard for "
-                f"{mesh.shape[zero1_axis]}"
-            )
+    reason = f"8-bit: blocks of each shard of {sharding.spec}"
+    reason += f" ({layout.reason})" if layout.reason else ""
     # The specs jax.jit gives its computed outputs: full length on Explicit axes,
     # without trailing Nones on Auto ones (so a step's outputs hit its cache again).
-    codes, scale = [*spec, local_entry, None], [*spec, local_entry]
+    codes, scale = [*spec, None, None], [*spec, None]
     if not all(t == AxisType.Explicit for t in mesh.axis_types):
         codes, scale = _trimmed(codes), _trimmed(scale)
-    kind = param_sharding.memory_kind
+    kind = sharding.memory_kind
     return (
         LeafSharding(NamedSharding(mesh, PartitionSpec(*codes), memory_kind=kind), reason),
         LeafSharding(NamedSharding(mesh, PartitionSpec(*scale), memory_kind=kind), reason),

@@ -187,9 +187,12 @@ def _plan(node: Any, target: _Target, zero1_axis: str | None) -> Any:
     return treedef.unflatten([_plan(child, target, zero1_axis) for _, child in leaves])
 
 
-def _hints(target: _Target) -> Any:
-    """The parameters' shardings as :func:`~functional_adam.core.lift.layout_hints`."""
-    return target.treedef.unflatten([p.sharding for p in target.params])
+def _hints(target: _Target, zero1_axis: str | None) -> Any:
+    """The moments' shardings (the parameters', plus ZeRO-1's axis) as
+    :func:`~functional_adam.core.lift.layout_hints`: 8-bit blocks are laid out per shard."""
+    return target.treedef.unflatten(
+        [rules.layout_sharding(p.sharding, p.shape, zero1_axis).sharding for p in target.params]
+    )
 
 
 def _planned(tx: GradientTransformation, params: Params, zero1_axis, param_shardings):
@@ -198,7 +201,7 @@ def _planned(tx: GradientTransformation, params: Params, zero1_axis, param_shard
     if zero1_axis is not None:
         check_axis(zero1_axis, target.params[0].sharding if target.params else None, "zero1_axis")
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    with layout_hints(_hints(target)):  # 8-bit blocks laid out per shard
+    with layout_hints(_hints(target, zero1_axis)):
         abstract = jax.eval_shape(lambda p: tx.init(p), abstract_params)
     if not target.params:
         return abstract, jax.tree.map(lambda _: None, abstract)
@@ -222,13 +225,13 @@ def state_shardings(
 
     - a leaf in a subtree with the parameters' structure and shapes (moments,
       ``with_master_weights``' master copies) gets its parameter's sharding;
-    - an 8-bit leaf of ``adam_8bit`` (and the other 8-bit optimizers) of a parameter
-      split over several shards is laid out per shard (codes
+    - an 8-bit leaf of ``adam_8bit`` (and the other 8-bit optimizers) whose moment is
+      split over several shards (the parameter's sharding, plus ``zero1_axis`` as for a
+      float32 moment) is laid out per shard (codes
       ``(S_0, ..., S_{r-1}, n_local_blocks, block_size)``,
-      :mod:`functional_adam.storage.shard_blocks`) and sharded on its leading axes
-      like the parameter; with ``zero1_axis``, that axis also splits each shard's
-      blocks when it divides their number. An unsplit parameter keeps flat codes
-      ``(n_blocks, block_size)``, split over ``zero1_axis`` when it divides ``n_blocks``;
+      :mod:`functional_adam.storage.shard_blocks`) and sharded on its leading axes like
+      that moment. An unsplit one keeps flat codes ``(n_blocks, block_size)``,
+      replicated (over ``zero1_axis`` when its size divides ``n_blocks``);
     - the buffers of :func:`~functional_adam.flatten` are replicated; sharded
       parameters are refused (a buffer holds many leaves, it cannot follow their
       shardings). :class:`~functional_adam.FlatParams` buffers are parameters
@@ -374,7 +377,7 @@ def init_sharded(
                 "not a jax.Array; for abstract parameters use abstract_state or state_shardings."
             )
     shardings = state_shardings(tx, params, zero1_axis=zero1_axis)
-    hints = jax.tree.map(lambda x: x.sharding, params)
+    hints = _hints(_params_target(params, None), zero1_axis)
     with layout_hints(hints):  # read while tracing: a fresh function, so no cached trace
         return jax.jit(lambda p: tx.init(p), out_shardings=shardings)(params)
 

@@ -166,8 +166,8 @@ def layout_error(
     gradient ``g``), in words; ``None`` when they can.
 
     The codes must split every dimension evenly into whole local blocks, and a gradient
-    whose sharding is visible (a placed array, or Explicit axes) and split must be split
-    into the same shards.
+    whose sharding is visible (a placed array, or Explicit axes) must be split into the
+    same shards or coarser ones (ZeRO-1 splits the state further than the parameter).
     """
     shards = layout_shards(codes_shape, len(shape))
     local = [d // s if s and d % s == 0 else None for d, s in zip(shape, shards, strict=True)]
@@ -183,10 +183,11 @@ def layout_error(
             f"{tuple(shape)} in {shards} shards needs {n}"
         )
     seen = visible_counts(g)
-    if seen is not None and seen != shards:
+    if seen is not None and any(s % n for s, n in zip(shards, seen, strict=True)):
+        sharding = jax.typeof(g).sharding if isinstance(g, jax.core.Tracer) else g.sharding
         return (
             f"8-bit blocks laid out for {shards} shards (codes {codes_shape}) but the gradient "
-            f"is split into {seen} shards ({jax.typeof(g).sharding if isinstance(g, jax.core.Tracer) else g.sharding}); "
-            "build the state for these parameters (fa.init_sharded) or restore it onto their layout"
+            f"is split into {seen} shards ({sharding}); build the state for these parameters "
+            "(fa.init_sharded) or restore it onto their layout"
         )
     return None
