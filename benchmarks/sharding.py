@@ -12,7 +12,7 @@ on an 8-device mesh ``("data",)`` with Auto axes, three layouts:
 
 for ``adam`` (float32 moments), ``adam`` with bfloat16 moments and ``adam_8bit``.
 Per-device optimizer-state bytes come from the shardings' shard shapes and from
-``compiled.memory_analysis()`` of ``jax.jit(tx.init, out_shardings=...)`` lowered on
+``compiled.memory_analysis()`` of ``fa.jitted_init`` (``jax.jit(tx.init, out_shardings=...)``) lowered on
 abstract parameters (nothing is allocated, so the 124M tree is used). Compile time is
 that of the jitted ``update_and_apply`` step on the 124M tree. Step time is measured on a
 narrower tree of the same 148 leaves (``--time-width``), as a ratio to the replicated step
@@ -104,10 +104,7 @@ def state_bytes(tx, params, layout: str) -> tuple[int, int]:
         math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
         for x in jax.tree.leaves(abstract)
     )
-    shardings = jax.tree.map(lambda x: x.sharding, abstract)
-    # adam_8bit lays out its blocks per shard from the parameters' shardings (layout_hints).
-    with fa.layout_hints(jax.tree.map(lambda x: x.sharding, params)):
-        init = jax.jit(lambda p: tx.init(p), out_shardings=shardings).lower(params).compile()
+    init = fa.jitted_init(tx, params, zero1_axis=zero1_axis(layout)).lower(params).compile()
     return from_shards, init.memory_analysis().output_size_in_bytes
 
 

@@ -68,6 +68,7 @@ from functional_adam.sharding import (
     check_state_shardings,
     describe_state_shardings,
     init_sharded,
+    jitted_init,
     state_shardings,
 )
 from functional_adam.storage.flat import FlatState, flatten
@@ -139,6 +140,7 @@ __all__ = [
     "from_torch_state",
     "identity",
     "init_sharded",
+    "jitted_init",
     "lamb",
     "layout_hints",
     "lion",

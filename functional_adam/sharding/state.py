@@ -1,4 +1,4 @@
-"""The optimizer state's shardings from the parameters': ``state_shardings``, ``init_sharded``.
+"""The optimizer state's shardings from the parameters': ``state_shardings`` and its reports.
 
 The state of ``tx.init(params)`` is computed abstractly (``jax.eval_shape``)
 and each of its subtrees is matched against the parameters' tree, as
@@ -187,6 +187,15 @@ def _plan(node: Any, target: _Target, zero1_axis: str | None) -> Any:
     return treedef.unflatten([_plan(child, target, zero1_axis) for _, child in leaves])
 
 
+def layout_hints_for(
+    params: Params, zero1_axis: str | None = None, param_shardings: Any = None
+) -> Any:
+    """The :func:`~functional_adam.layout_hints` under which ``tx.init`` gives the state that
+    :func:`state_shardings` places: each moment's sharding (the parameter's, plus
+    ``zero1_axis`` as ZeRO-1 adds it)."""
+    return _hints(_params_target(params, param_shardings), zero1_axis)
+
+
 def _hints(target: _Target, zero1_axis: str | None) -> Any:
     """The moments' shardings (the parameters', plus ZeRO-1's axis) as
     :func:`~functional_adam.core.lift.layout_hints`: 8-bit blocks are laid out per shard."""
@@ -337,49 +346,6 @@ def describe_state_shardings(
             )
         )
     return rows
-
-
-def init_sharded(
-    tx: GradientTransformation,
-    params: Params,
-    *,
-    zero1_axis: str | None = None,
-) -> OptState:
-    """``tx.init(params)`` born with :func:`state_shardings`: never gathered on one device.
-
-    ``jax.jit(tx.init)(params)`` leaves the output sharding to the compiler,
-    which puts the whole state on one device (or replicates it); this runs
-    ``jax.jit(tx.init, out_shardings=state_shardings(tx, params, ...))`` so each
-    device only ever allocates its own shards.
-
-    Args:
-        tx: the transformation.
-        params: the parameters, ``jax.Array`` s placed on their mesh.
-        zero1_axis: as in :func:`state_shardings`.
-
-    Returns:
-        The state, each leaf placed as :func:`state_shardings` says.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> from jax.sharding import NamedSharding, PartitionSpec as P
-        >>> import functional_adam as fa
-        >>> mesh = jax.make_mesh((1,), ("data",))
-        >>> params = jax.device_put({"w": jnp.ones((4, 2))}, NamedSharding(mesh, P("data")))
-        >>> state = fa.init_sharded(fa.adam(1e-3), params)
-        >>> state[0].mu["w"].sharding.spec
-        P('data',)
-    """
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if not isinstance(leaf, jax.Array):
-            raise TypeError(
-                f"init_sharded: params{jax.tree_util.keystr(path)} is {type(leaf).__name__}, "
-                "not a jax.Array; for abstract parameters use abstract_state or state_shardings."
-            )
-    shardings = state_shardings(tx, params, zero1_axis=zero1_axis)
-    hints = _hints(_params_target(params, None), zero1_axis)
-    with layout_hints(hints):  # read while tracing: a fresh function, so no cached trace
-        return jax.jit(lambda p: tx.init(p), out_shardings=shardings)(params)
 
 
 def check_state_shardings(
