@@ -300,6 +300,12 @@ def test_adam_8bit_state_for_other_shards_is_refused():
         if axis_type == AxisType.Explicit:
             with jax.set_mesh(mesh), pytest.raises(ValueError, match=message):  # under jit
                 jax.jit(tx.update)(by_rows, state, by_rows)
+            flat = jax.device_put(tx.init(host), NamedSharding(mesh, P()))  # built on one device
+            with (
+                jax.set_mesh(mesh),
+                pytest.raises(ValueError, match=r"updates\['w'\]: 8-bit blocks laid out flat"),
+            ):
+                jax.jit(tx.update)(by_columns, flat, by_columns)
     with pytest.raises(
         ValueError, match=r"updates\['w'\]: .* do not divide a leaf of shape \(64, 100\)"
     ):

@@ -192,6 +192,9 @@ class BlockStorage(NamedTuple):
             if error:
                 raise LeafError(error)
             return _shard_major_step(step, g, stored, scalars, squared)
+        error = shard_blocks.flat_layout_error(g, codes_shape)
+        if error:
+            raise LeafError(error)
         chunked = jax.default_backend() == "cpu" and g.size > _CHUNKED_MIN_SIZE
         return _quantized_step(step, g, stored, scalars, squared, chunked)
 

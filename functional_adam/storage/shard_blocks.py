@@ -191,3 +191,25 @@ def layout_error(
             "(fa.init_sharded) or restore it onto their layout"
         )
     return None
+
+
+def flat_layout_error(g: Any, codes_shape: tuple[int, ...]) -> str | None:
+    """Why flat codes cannot be stepped with a gradient split on Explicit mesh axes, or ``None``.
+
+    Flat blocks run across the shards of a split parameter unless it is split on its
+    first dimension alone into whole blocks per shard; Explicit axes refuse the
+    reshape that would move them (Auto axes gather instead).
+    """
+    if not isinstance(g, jax.core.Tracer):
+        return None
+    seen = visible_counts(g)
+    if seen is None:
+        return None
+    per_shard = math.prod(g.shape) // math.prod(seen)
+    if all(n == 1 for n in seen[1:]) and per_shard % codes_shape[-1] == 0:
+        return None
+    return (
+        f"8-bit blocks laid out flat (codes {codes_shape}) but the gradient is split into "
+        f"{seen} shards ({jax.typeof(g).sharding}); build the state with fa.init_sharded "
+        "(or fa.jitted_init), which blocks each shard on its own"
+    )
