@@ -287,8 +287,9 @@ def test_adam_8bit_state_for_other_shards_is_refused():
         assert state[0].mu["w"].codes.shape == (1, 8, 8, 256)
         with pytest.raises(
             ValueError,
-            match=r"state\[0\]\.mu\['w'\]\.codes has shape \(1, 8, 8, 256\) where \(8, 1, 8, 256\) "
-            r"was expected \(8-bit blocks laid out per shard.*expected NamedSharding",
+            match=r"state\[0\]\.mu\['w'\]\.codes has shape \(1, 8, 8, 256\) and sharding "
+            r"NamedSharding\(.*spec=P\(None, 'data'.* where shape \(8, 1, 8, 256\) and sharding "
+            r"NamedSharding\(.*spec=P\('data',.* were expected \(8-bit blocks laid out per shard",
         ):
             fa.check_state_shardings(tx, state, by_rows)
         message = (

@@ -119,7 +119,11 @@ def first_shape_mismatch(state: Any, abstract: Any) -> str | None:
             if where.endswith((".codes", ".scale")):
                 words = (
                     " (8-bit blocks laid out per shard: the state was built for parameters "
-                    f"split otherwise; expected {want.sharding})"
+                    "split otherwise)"
                 )
-            return f"{where} has shape {shape} where {expected} was expected{words}"
+            actual = getattr(leaf, "sharding", None)
+            return (
+                f"{where} has shape {shape} and sharding {actual} where shape {expected} and "
+                f"sharding {want.sharding} were expected{words}"
+            )
     return None
