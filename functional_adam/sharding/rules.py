@@ -147,7 +147,7 @@ def block_quantized_shardings(
     Returns:
         ``(codes sharding, scale sharding)`` with the same reason.
     """
-    if len(codes_shape) == len(param_shape) + 2:
+    if param_shape and len(codes_shape) == len(param_shape) + 2:
         return shard_major_shardings(param_sharding, param_shape, codes_shape, zero1_axis)
     replicated = replicated_like(param_sharding)
     n_blocks, block_size = codes_shape

@@ -187,7 +187,7 @@ class BlockStorage(NamedTuple):
         # is which follows from the codes' dtype (uint8: the unsigned map of a squared moment).
         squared = tuple(x.codes.dtype == jnp.uint8 for x in stored)
         codes_shape = tuple(stored[0].codes.shape)
-        if len(codes_shape) == g.ndim + 2:  # shard-major blocks
+        if g.ndim and len(codes_shape) == g.ndim + 2:  # shard-major blocks
             error = shard_blocks.layout_error(g.shape, codes_shape, codes_shape[-1], g)
             if error:
                 raise LeafError(error)

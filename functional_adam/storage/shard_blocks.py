@@ -14,8 +14,8 @@ blocks and cut into ``n_local_blocks = ceil(prod(d_i/S_i) / block_size)`` blocks
 
 Sharding the leading ``S_i`` axes like the parameter's dimensions puts every
 block on the device that holds its elements, so a step moves nothing between
-devices. The layout is read from the codes alone: rank ``r + 2`` is shard-major,
-rank 2 the flat layout of :mod:`functional_adam.storage.quantized` (unsharded
+devices. The layout is read from the codes alone: rank ``r + 2`` (``r >= 1``) is
+shard-major, rank 2 the flat layout of :mod:`functional_adam.storage.quantized` (unsharded
 parameters).
 """
 
@@ -77,7 +77,7 @@ def _explicit(sharding: NamedSharding) -> bool:
 
 def layout_shards(codes_shape: tuple[int, ...], ndim: int) -> tuple[int, ...] | None:
     """The shard counts of shard-major codes for a rank-``ndim`` leaf; ``None`` if flat."""
-    if len(codes_shape) != ndim + 2:
+    if ndim == 0 or len(codes_shape) != ndim + 2:
         return None
     return tuple(codes_shape[:ndim])
 
