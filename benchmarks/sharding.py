@@ -22,6 +22,12 @@ all-to-all, collective-permute; MB per device per step).
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/sharding.py
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/sharding.py --time-width 128 --steps 5
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/sharding.py --optimizers adam_8bit
+
+``--kernel`` instead times ``adam``'s and ``adam_8bit``'s steps (``--kernel-optimizers``)
+on the narrower tree per layout two ways in one run, step by step in turn:
+``update_and_apply`` (the fused C++ kernel, run by each device on its shards) and
+``tx.update`` + ``apply_updates`` (the XLA path): medians and their ratio, and what each
+compiled step gathers.
 """
 
 from __future__ import annotations
@@ -108,11 +114,16 @@ def state_bytes(tx, params, layout: str) -> tuple[int, int]:
     return from_shards, init.memory_analysis().output_size_in_bytes
 
 
-def step_function(tx, params, layout: str):
+def step_function(tx, params, layout: str, via: str = "update_and_apply"):
+    """The jitted, donated step: ``update_and_apply`` (the fused kernel where it applies) or
+    ``via="update"``, ``tx.update`` then ``apply_updates`` (the XLA path)."""
     shardings = fa.state_shardings(tx, params, zero1_axis=zero1_axis(layout))
     out = (jax.tree.map(lambda x: x.sharding, params), shardings)
 
     def step(params, state, grads):
+        if via == "update":
+            updates, state = tx.update(grads, state, params)
+            return fa.apply_updates(params, updates), state
         return fa.update_and_apply(tx, grads, state, params)
 
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=out)
@@ -138,25 +149,53 @@ def compile_seconds(tx, params, layout: str) -> tuple[float, str]:
     return time.perf_counter() - t0, compiled.as_text()
 
 
-def step_seconds(tx, params, layout: str, steps: int) -> float:
-    """Median seconds per step, one step at a time (queued steps with collectives can
-    deadlock XLA:CPU's rendezvous on few cores)."""
+def step_seconds(tx, params, layout: str, steps: int, vias=("update_and_apply",)) -> list:
+    """Median seconds per step of each of ``vias``, taken in turn step by step, one step at a
+    time (queued steps with collectives can deadlock XLA:CPU's rendezvous on few cores)."""
     rng = np.random.default_rng(0)
 
     def real(x):
         return jax.device_put(rng.normal(size=x.shape).astype(np.float32), x.sharding)
 
-    values = jax.tree.map(real, params)
     grads = jax.tree.map(real, params)
-    state = fa.init_sharded(tx, values, zero1_axis=zero1_axis(layout))
-    step = step_function(tx, params, layout)
-    times = []
+    runs = []
+    for via in vias:
+        values = jax.tree.map(real, params)
+        state = fa.init_sharded(tx, values, zero1_axis=zero1_axis(layout))
+        runs.append([step_function(tx, params, layout, via), values, state, []])
     for i in range(steps + 2):
-        t0 = time.perf_counter()
-        values, state = jax.block_until_ready(step(values, state, grads))
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for run in runs:
+            step, values, state, times = run
+            t0 = time.perf_counter()
+            run[1:3] = jax.block_until_ready(step(values, state, grads))
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    return [statistics.median(run[3]) for run in runs]
+
+
+def kernel_vs_xla(mesh, shapes, steps: int, names: list[str]) -> None:
+    """The step with the fused kernel per shard against the XLA path, per optimizer and layout."""
+    print(
+        "| optimizer | layout | kernel ms | XLA path ms | kernel / XLA "
+        "| gathered MB/step (kernel, XLA) |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for name, layout in ((name, layout) for name in names for layout in LAYOUTS):
+        tx = OPTIMIZERS[name]()
+        params = abstract_params(shapes, mesh, layout)
+        state = fa.abstract_state(tx, params, zero1_axis=zero1_axis(layout))
+        hlo = {
+            via: step_function(tx, params, layout, via).lower(params, state, params).compile()
+            for via in ("update_and_apply", "update")
+        }
+        hlo = {via: compiled.as_text() for via, compiled in hlo.items()}
+        assert 'custom_call_target="functional_adam_adam' in hlo["update_and_apply"], "no kernel"
+        kernel, xla = step_seconds(tx, params, layout, steps, ("update_and_apply", "update"))
+        print(
+            f"| {name} | {layout} | {kernel * 1e3:.1f} | {xla * 1e3:.1f} | {kernel / xla:.2f} | "
+            f"{gathered_mb(hlo['update_and_apply']):,.1f}, {gathered_mb(hlo['update']):,.1f} |",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -168,6 +207,14 @@ def main() -> None:
         "--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS),
         help="rows to measure (default: all)",
     )  # fmt: skip
+    parser.add_argument(
+        "--kernel", action="store_true", help="the fused kernel per shard vs the XLA path"
+    )
+    parser.add_argument(
+        "--kernel-optimizers",
+        default="adam,adam_8bit",
+        help="with --kernel: comma-separated names among " + ", ".join(OPTIMIZERS),
+    )
     args = parser.parse_args()
     if jax.device_count() < 8:
         raise SystemExit("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
@@ -187,6 +234,9 @@ def main() -> None:
         f"step time on {small_count:,} parameters (width {args.time_width}, vocab {args.time_vocab})"
     )
     print()
+    if args.kernel:
+        kernel_vs_xla(mesh, small, args.steps, args.kernel_optimizers.split(","))
+        return
     print(
         "| optimizer | layout | state MB/device (shards) | (compiled init) | vs replicated "
         "| compile s (124M) | step vs replicated | gathered MB/step |"
@@ -200,7 +250,7 @@ def main() -> None:
             shards, compiled = state_bytes(tx, params, layout)
             seconds, hlo = compile_seconds(tx, params, layout)
             small_params = abstract_params(small, mesh, layout)
-            step = step_seconds(tx, small_params, layout, args.steps)
+            (step,) = step_seconds(tx, small_params, layout, args.steps)
             base_bytes = base_bytes or shards
             base_time = base_time or step
             print(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import re
 import statistics
@@ -43,6 +44,7 @@ STEPS_PER_SYNC = 1 if jax.default_backend() == "cpu" else 10
 # first steps after another ran (or after a pause) are up to 1.4x slower, and
 # recover over about five steps.
 WARMUP = 5
+GROUPED_ENV = "FUNCTIONAL_ADAM_GPU_GROUPED"
 
 
 def _leaf_sizes(n: int, leaves: int) -> list[int]:
@@ -70,11 +72,41 @@ METHODS: dict[str, tuple[Callable[[], Any], str, bool]] = {
 }
 
 
+# On a GPU with --gpu-grouped: the grouped Pallas kernel (opt-in) next to XLA's per-leaf step.
+GPU_GROUPED_METHODS: dict[str, tuple[Callable[[], Any], str, bool]] = {
+    "functional_adam, update_and_apply, grouped kernel": (lambda: fa.adam(1e-3), "grouped", False),
+    "functional_adam, bf16 moments": (
+        lambda: fa.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+        "fused",
+        False,
+    ),
+    "functional_adam, bf16 moments, grouped kernel": (
+        lambda: fa.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+        "grouped",
+        False,
+    ),
+}
+
+
 def _step(tx, how: str) -> Callable:
     """The step ``(params, state, grads) -> (params, state)``; donated arguments come in
     the order of the outputs."""
     if how == "fused":
         return lambda params, state, grads: fa.update_and_apply(tx, grads, state, params)
+    if how == "grouped":  # FUNCTIONAL_ADAM_GPU_GROUPED=1 while the step is traced
+
+        def grouped(params, state, grads):
+            before = os.environ.get(GROUPED_ENV)
+            os.environ[GROUPED_ENV] = "1"
+            try:
+                return fa.update_and_apply(tx, grads, state, params)
+            finally:
+                if before is None:
+                    del os.environ[GROUPED_ENV]
+                else:
+                    os.environ[GROUPED_ENV] = before
+
+        return grouped
     if how == "identity":
         return lambda params, state, grads: (params, state)
 
@@ -240,7 +272,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=8, help="timed steps per method per round")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     parser.add_argument("--compile-leaves", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument(
+        "--gpu-grouped",
+        action="store_true",
+        help="on a GPU, add the grouped Pallas kernel (float32 and bf16 moments)",
+    )
     args = parser.parse_args(argv)
+    if args.gpu_grouped and jax.default_backend() == "gpu":
+        METHODS.update(GPU_GROUPED_METHODS)
     sizes = [int(s) for s in args.sizes] + ([int(1e8)] if args.large else [])
 
     device = jax.devices()[0]

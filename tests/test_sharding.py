@@ -1,7 +1,8 @@
 """state_shardings, init_sharded, ZeRO-1: one-device checks here, the meshes in a subprocess.
 
-The multi-device cases live in ``tests/mesh_cases_state.py`` and
-``tests/mesh_cases_zero1.py`` and run under pytest in a fresh interpreter with 8
+The multi-device cases live in ``tests/mesh_cases_state.py``,
+``tests/mesh_cases_zero1.py`` and ``tests/mesh_cases_kernel.py`` (the fused
+kernel per shard, ``FlatParams`` of sharded leaves) and run under pytest in a fresh interpreter with 8
 simulated CPU devices, so this process keeps its single device.
 """
 
@@ -25,7 +26,10 @@ import functional_adam as fa
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", ["tests/mesh_cases_state.py", "tests/mesh_cases_zero1.py"])
+@pytest.mark.parametrize(
+    "module",
+    ["tests/mesh_cases_state.py", "tests/mesh_cases_zero1.py", "tests/mesh_cases_kernel.py"],
+)
 def test_on_eight_simulated_devices(module):
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     out = subprocess.run(
@@ -144,10 +148,12 @@ def test_shard_major_blocks_of_whole_rows_are_the_flat_blocks(name):
     chained = jax.jit(lambda p, s, g: fa.update_and_apply(fa.chain(tx), g, (s,), p))
     p_flat = p_major = params
     for g in grads:
-        # update_and_apply: the one-device kernels step aside for shard-major codes (the
-        # XLA path, as for a chain that holds the optimizer)
+        # update_and_apply (adam_8bit, adamw_8bit: the kernel where it runs, on the blocks
+        # of each shard in turn): the moments of the XLA path, parameters within rounding
         new_params, new_state = chained(p_major, state, g)
-        chex.assert_trees_all_equal(fused(p_major, state, g), (new_params, new_state[0]))
+        fused_params, fused_state = fused(p_major, state, g)
+        chex.assert_trees_all_equal(fused_state, new_state[0])
+        chex.assert_trees_all_close(fused_params, new_params, rtol=1e-6, atol=1e-7)
         u_flat, flat_state = step(p_flat, flat_state, g)
         u_major, state = step(p_major, state, g)
         # AdEMAMix's update of the same moments rounds differently in the two programs (ulps)

@@ -97,24 +97,41 @@ def _adam_core(b1, b2, eps, amsgrad: bool, convention: Convention) -> GradientTr
     return scale_by_adam(b1, b2, eps, convention=convention)
 
 
-def _torch_chain(
-    lr, betas, eps, weight_decay, amsgrad, maximize, decoupled
+def torch_chain(
+    direction: GradientTransformation,
+    lr: ScalarOrSchedule,
+    weight_decay: Scalar,
+    maximize: bool,
+    decoupled: bool,
 ) -> GradientTransformation:
-    compat_args.check_common("lr", lr, "eps", eps, weight_decay)
-    b1, b2 = compat_args.check_pair("betas", betas)
-    amsgrad = compat_args.check_bool("amsgrad", amsgrad)
+    """PyTorch's order of operations around a ``direction`` (``scale_by_*``) transformation.
+
+    ``g ← -g`` if ``maximize``; ``g ← g + wd·θ`` (L2, coupled) unless ``decoupled``;
+    ``u ← -lr·direction(g)``; ``u ← u - lr·wd·θ`` (PyTorch rounds ``1 - lr·wd`` to
+    the parameter dtype) if ``decoupled``. Shared by every ``torch_*`` optimizer.
+    """
     maximize = compat_args.check_bool("maximize", maximize)
     decoupled = compat_args.check_bool("decoupled_weight_decay", decoupled)
     no_decay = compat_args.is_zero(weight_decay)
     return chain(
         negate() if maximize else identity(),
         identity() if decoupled or no_decay else add_decayed_weights(weight_decay),
-        _adam_core(b1, b2, eps, amsgrad, PYTORCH),
+        direction,
         scale_by_learning_rate(lr),
         torch_decoupled_weight_decay(lr, weight_decay)
         if decoupled and not no_decay
         else identity(),
     )
+
+
+def _torch_adam_chain(
+    lr, betas, eps, weight_decay, amsgrad, maximize, decoupled
+) -> GradientTransformation:
+    compat_args.check_common("lr", lr, "eps", eps, weight_decay)
+    b1, b2 = compat_args.check_pair("betas", betas)
+    amsgrad = compat_args.check_bool("amsgrad", amsgrad)
+    direction = _adam_core(b1, b2, eps, amsgrad, PYTORCH)
+    return torch_chain(direction, lr, weight_decay, maximize, decoupled)
 
 
 @compat_args.reject_unknown_options
@@ -169,7 +186,9 @@ def torch_adam(
         Array([ 0.9, -0.9], dtype=float32)
     """
     del foreach, capturable, differentiable, fused
-    return _torch_chain(lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
+    return _torch_adam_chain(
+        lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
+    )
 
 
 @compat_args.reject_unknown_options
@@ -215,4 +234,4 @@ def torch_adamw(
         Array([1.9], dtype=float32)
     """
     del foreach, capturable, differentiable, fused
-    return _torch_chain(lr, betas, eps, weight_decay, amsgrad, maximize, True)
+    return _torch_adam_chain(lr, betas, eps, weight_decay, amsgrad, maximize, True)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from functional_adam.compat import args as compat_args
 from functional_adam.compat.conventions import Convention
-from functional_adam.compat.pytorch import negate, torch_decoupled_weight_decay
+from functional_adam.compat.pytorch import negate, torch_chain
 from functional_adam.compat.staged import staged_steps
 from functional_adam.core import checks
 from functional_adam.core.base import GradientTransformation, ScalarOrSchedule, chain, identity
@@ -56,7 +56,6 @@ from functional_adam.optimizers._common import abs_sq_for, compute_dtypes
 from functional_adam.optimizers.adam import BiasCorrections, ScaleByAdamState
 from functional_adam.optimizers.adamax import scale_by_adamax
 from functional_adam.optimizers.radam import RAdamScalars, radam_optimizer, radam_scalars
-from functional_adam.transforms.learning_rate import scale_by_learning_rate
 from functional_adam.transforms.weight_decay import add_decayed_weights
 
 Scalar = float | jax.Array
@@ -129,21 +128,6 @@ def torch_radam_scalars(b1: Any, b2: Any, count: jax.Array) -> RAdamScalars:
     return RAdamScalars(bc, rho, r)
 
 
-def _torch_chain(direction, lr, weight_decay, maximize, decoupled) -> GradientTransformation:
-    maximize = compat_args.check_bool("maximize", maximize)
-    decoupled = compat_args.check_bool("decoupled_weight_decay", decoupled)
-    no_decay = compat_args.is_zero(weight_decay)
-    return chain(
-        negate() if maximize else identity(),
-        identity() if decoupled or no_decay else add_decayed_weights(weight_decay),
-        direction,
-        scale_by_learning_rate(lr),
-        torch_decoupled_weight_decay(lr, weight_decay)
-        if decoupled and not no_decay
-        else identity(),
-    )
-
-
 @compat_args.reject_unknown_options
 def torch_adamax(
     lr: ScalarOrSchedule = 2e-3,
@@ -184,7 +168,7 @@ def torch_adamax(
     del foreach, differentiable, capturable
     compat_args.check_common("lr", lr, "eps", eps, weight_decay)
     b1, b2 = compat_args.check_pair("betas", betas)
-    return _torch_chain(scale_by_adamax(b1, b2, eps), lr, weight_decay, maximize, False)
+    return torch_chain(scale_by_adamax(b1, b2, eps), lr, weight_decay, maximize, False)
 
 
 @compat_args.reject_unknown_options
@@ -229,7 +213,7 @@ def torch_radam(
     b1, b2 = compat_args.check_pair("betas", betas)
     optimizer = radam_optimizer(b1, b2, eps, 0.0, 5.0, convention=TORCH_RADAM)
     direction = lift(optimizer._replace(scalars=lambda count: torch_radam_scalars(b1, b2, count)))
-    return _torch_chain(direction, lr, weight_decay, maximize, decoupled_weight_decay)
+    return torch_chain(direction, lr, weight_decay, maximize, decoupled_weight_decay)
 
 
 class ScaleByTorchNAdamState(NamedTuple):

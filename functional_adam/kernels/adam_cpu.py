@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from functional_adam.core.numerics import saturate, store
+from functional_adam.kernels import per_shard
 from functional_adam.kernels.build import TARGETS
 
 # Leaves per kernel call: XLA's compile time grows about cubically with the number of
@@ -54,6 +56,10 @@ def reference_step(
 ) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
     """The kernel's arithmetic in ``jax.numpy``: its derivative rule, equal to it within rounding.
 
+    Moments narrower than θ (bfloat16, for the GPU kernel of
+    :mod:`functional_adam.kernels.adam_gpu`) are computed in θ's dtype and stored
+    as the chain stores them (``saturate``/``store`` of :mod:`functional_adam.core.numerics`).
+
     Example:
         >>> import jax.numpy as jnp
         >>> one = jnp.ones(1)
@@ -63,19 +69,34 @@ def reference_step(
         [0.9, 0.1, 0.001]
     """
     s = KernelScalars(*scalars)
-    out = []
-    for (p, g, m, v), decays in zip(leaves, decay, strict=True):
-        m = s.one_minus_b1 * g + s.b1 * m
-        v = s.one_minus_b2 * (g * g) + s.b2 * v
-        if nesterov:
-            m_hat = s.b1 * (m * s.inv_bc1_next) + s.one_minus_b1 * (g * s.inv_bc1)
-        else:
-            m_hat = m * s.inv_bc1
-        u = m_hat / (jnp.sqrt(v * s.inv_bc2 + s.eps_root) + s.eps)
-        if decays:
-            u = u + s.wd * p
-        out.append((p + s.neg_lr * u, m, v))
-    return out
+    return [
+        _reference_leaf(s, *leaf, decays, nesterov)
+        for leaf, decays in zip(leaves, decay, strict=True)
+    ]
+
+
+def _reference_leaf(s: KernelScalars, p, g, m_old, v_old, decays: bool, nesterov: bool):
+    """One leaf's ``(θ, m, v)``, computed in θ's dtype and stored in the moments' own dtypes."""
+    g_sq = g * g
+    if jnp.finfo(v_old.dtype).bits < jnp.finfo(g.dtype).bits:  # as the chain: keep v finite
+        g_sq = saturate(g_sq, v_old.dtype)
+    m = s.one_minus_b1 * g + s.b1 * m_old.astype(g.dtype)
+    v = s.one_minus_b2 * g_sq + s.b2 * v_old.astype(g.dtype)
+    p = p + s.neg_lr * direction(s, p, g, m, v, decays, nesterov)
+    return p, store(m, m_old), store(v, v_old)
+
+
+def direction(s: KernelScalars, p, g, m, v, decays: bool, nesterov: bool) -> jax.Array:
+    """``m̂/(sqrt(v̂ + eps_root) + eps) [+ wd·θ]`` from this step's moments, as the kernels order it.
+
+    (``1/(1 - b^t)`` is a multiplier, as XLA:CPU rewrites the chain's division.)
+    """
+    if nesterov:
+        m_hat = s.b1 * (m * s.inv_bc1_next) + s.one_minus_b1 * (g * s.inv_bc1)
+    else:
+        m_hat = m * s.inv_bc1
+    u = m_hat / (jnp.sqrt(v * s.inv_bc2 + s.eps_root) + s.eps)
+    return u + s.wd * p if decays else u
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -90,7 +111,9 @@ def adam_step(
     ``scalars`` holds :class:`KernelScalars` (stacked) in the leaves' dtype; every array of every
     leaf has that dtype. ``p``, ``m`` and ``v`` are aliased to their results, so
     with donated inputs the step writes into the buffers it reads. Leaves go in
-    calls of :data:`LEAVES_PER_CALL`. Differentiable (through
+    calls of :data:`LEAVES_PER_CALL`. With several devices each device runs the
+    kernel on its shards (:mod:`functional_adam.kernels.per_shard`: ``g``, ``m``
+    and ``v`` take the sharding of ``p``). Differentiable (through
     :func:`reference_step`) and batchable (``jax.vmap`` calls the kernel once per
     batch element).
     """
@@ -114,6 +137,14 @@ def _call_kernel(scalars, leaves, decay, nesterov):
                 nesterov,
             )
         ]
+    if jax.device_count() > 1:  # the arrays may be sharded: one call per device, on its shards
+        kind = per_shard.Elementwise((0, 2, 3), unlinked=frozenset({1}))  # p, m, v; g resharded
+        return per_shard.per_shard_call(_one_call, (decay, nesterov), scalars, leaves, kind)
+    return _one_call(scalars, leaves, decay, nesterov)
+
+
+def _one_call(scalars, leaves, decay, nesterov):
+    """The kernel's ``jax.ffi`` call on these arrays."""
     dtype = scalars.dtype
     operands = [scalars]
     results = []

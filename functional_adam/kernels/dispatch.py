@@ -127,10 +127,10 @@ def update_and_apply(
     Under ``jax.jit`` XLA fuses the parameter update into the loop that
     computes Adam's direction, so each leaf's θ is read and written once.
     For ``adam``/``adamw``/``nadam``/``nadamw`` with float32 or float64 leaves
-    on one CPU device, the whole step is one pass of a compiled kernel over all
-    leaves (:mod:`functional_adam.kernels.fused_adam`; for ``adam_8bit`` and
-    ``adamw_8bit`` with float32 leaves, :mod:`functional_adam.kernels.fused_adam8`),
-    also when the optimizer
+    on the CPU, the whole step is one pass of a compiled kernel over all leaves
+    (:mod:`functional_adam.kernels.fused_adam`; with several devices, each runs it
+    on its shards), and for ``adam_8bit`` and ``adamw_8bit`` with float32 leaves
+    (:mod:`functional_adam.kernels.fused_adam8`), also when the optimizer
     sits in a ``chain`` (after, say, ``optax.clip_by_global_norm``) or in
     ``optax.inject_hyperparams``. Donate ``params`` and ``state``
     (``jax.jit(..., donate_argnums=...)``) so the new values are written in

@@ -2,7 +2,7 @@
 
 :func:`adam8_chain` builds ``chain(scale_by_adam_8bit, [add_decayed_weights],
 scale_by_learning_rate)`` and, with it, the step that computes the same chain and
-the parameter update in one pass: on one CPU device the C++ kernels (8-bit
+the parameter update in one pass: on the CPU the C++ kernels (8-bit
 leaves: :mod:`functional_adam.kernels.adam8_cpu`; leaves below ``min_8bit_size``,
 which keep float32 moments: :mod:`functional_adam.kernels.adam_cpu`), on one GPU
 the Pallas kernel (:mod:`functional_adam.kernels.adam8_gpu`; the float32-moment
@@ -11,14 +11,20 @@ the codes and scales equal the chain's and the parameters are within a few ulps
 (``tests/test_native_8bit.py``, ``tests/test_pallas_8bit.py``).
 
 The kernel step applies where every parameter and gradient is float32, every
-plain moment float32, every hyperparameter a scalar, and there is one device: a
-CPU whose kernel was built with its AVX-512 code (its scalar code, for other
-CPUs, is slower than XLA's loops), or a GPU; anything else takes the chain,
-which also gives the errors for bad input.
+plain moment float32, every hyperparameter a scalar, and the devices are CPUs
+whose kernel was built with its AVX-512 code (its scalar code, for other CPUs,
+is slower than XLA's loops), or one GPU; anything else takes the chain, which
+also gives the errors for bad input. With several CPU devices each runs the
+kernels on its shards (:mod:`functional_adam.kernels.per_shard`): an 8-bit leaf
+laid out per shard (:mod:`functional_adam.storage.shard_blocks`), or flat with its
+blocks along its parameter's first-axis shards, steps there, any other on gathered
+arrays (:class:`functional_adam.kernels.adam8_cpu.Blocks`). The Pallas kernel takes
+flat blocks only.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -26,9 +32,10 @@ import jax.numpy as jnp
 
 from functional_adam.core.base import GradientTransformation, ScalarOrSchedule, chain
 from functional_adam.core.numerics import safe_increment
-from functional_adam.kernels import adam8_cpu, adam_cpu, build
+from functional_adam.kernels import adam8_cpu, adam_cpu, build, per_shard
 from functional_adam.kernels.dispatch import fusable
 from functional_adam.kernels.fused_adam import cpu_kernel_applies, step_scalars
+from functional_adam.storage import shard_blocks
 from functional_adam.storage.quantized import BlockQuantized
 from functional_adam.transforms.learning_rate import scale_by_learning_rate
 from functional_adam.transforms.weight_decay import add_decayed_weights
@@ -40,19 +47,26 @@ def _is_f32(x: Any, shape: tuple[int, ...]) -> bool:
     return getattr(x, "dtype", None) == jnp.float32 and getattr(x, "shape", None) == shape
 
 
-def _fits_blocks(size: int, mu: Any, nu: Any) -> bool:
-    """Whether ``mu``/``nu`` are the int8/uint8 blocks of a leaf of ``size`` elements."""
+def _fits_blocks(shape: tuple[int, ...], mu: Any, nu: Any) -> bool:
+    """Whether ``mu``/``nu`` are the int8/uint8 blocks of a leaf of ``shape``: flat, or
+    shard-major (:mod:`functional_adam.storage.shard_blocks`)."""
     if not (isinstance(mu, BlockQuantized) and isinstance(nu, BlockQuantized)):
         return False
-    if mu.codes.ndim != 2 or mu.codes.dtype != jnp.int8 or nu.codes.dtype != jnp.uint8:
+    if mu.codes.dtype != jnp.int8 or nu.codes.dtype != jnp.uint8:
         return False
-    blocks, block = mu.codes.shape
-    shapes_match = nu.codes.shape == mu.codes.shape and mu.scale.shape == nu.scale.shape == (
-        blocks,
+    block = mu.codes.shape[-1]
+    shapes_match = nu.codes.shape == mu.codes.shape and (
+        mu.scale.shape == nu.scale.shape == mu.codes.shape[:-1]
     )
     scales_f32 = mu.scale.dtype == nu.scale.dtype == jnp.float32
-    holds = (blocks - 1) * block < size <= blocks * block or size == blocks == 0
-    return shapes_match and scales_f32 and holds and 0 < block <= _MAX_BLOCK
+    if not (shapes_match and scales_f32 and 0 < block <= _MAX_BLOCK):
+        return False
+    if len(shape) and mu.codes.ndim == len(shape) + 2:
+        return shard_blocks.layout_error(shape, mu.codes.shape, block, None) is None
+    if mu.codes.ndim != 2:
+        return False
+    blocks, size = mu.codes.shape[0], math.prod(shape)
+    return (blocks - 1) * block < size <= blocks * block or size == blocks == 0
 
 
 def kernel_leaves(grads: Any, state: Any, params: Any):
@@ -72,19 +86,19 @@ def kernel_leaves(grads: Any, state: Any, params: Any):
         if not (_is_f32(p, p.shape) and _is_f32(g, p.shape)):
             return None
         plain = _is_f32(m, p.shape) and _is_f32(v, p.shape)
-        if not (plain or _fits_blocks(p.size, m, v)):
+        if not (plain or _fits_blocks(p.shape, m, v)):
             return None
     return treedef, leaves
 
 
 def _where() -> str | None:
     """Where the one-pass step runs: ``"cpu"`` (C++ kernels), ``"gpu"`` (Pallas), or ``None``."""
-    if jax.device_count() != 1:  # the state may be sharded; a kernel call cannot be partitioned
-        return None
     backend = jax.default_backend()
-    if backend == "cpu":
+    if backend == "cpu":  # with several devices, each on its shards (kernels/per_shard.py)
         # The kernel's scalar code (CPUs without AVX-512) is slower than XLA's loops.
         return "cpu" if cpu_kernel_applies() and build.has_8bit_simd() else None
+    if jax.device_count() != 1:  # a GPU kernel call is not partitioned: the XLA path
+        return None
     return "gpu" if backend == "gpu" else None
 
 
@@ -152,6 +166,12 @@ def adam8_chain(
         if found is None:
             return None
         treedef, leaves = found
+        if where == "gpu" and any(
+            m.codes.ndim > 2 for _, _, m, _ in leaves if isinstance(m, BlockQuantized)
+        ):
+            return None  # the Pallas kernel takes flat blocks; shard-major ones: the XLA path
+        if jax.device_count() > 1 and not per_shard.supported([jax.tree.leaves(x) for x in leaves]):
+            return None  # a mesh of Auto and Explicit axes together
         count = safe_increment(adam_state.count)
         hyper = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask)
         found = step_scalars(hyper, count, lr_tx, lr_state, decay_state, params, jnp.float32)

@@ -26,8 +26,8 @@ parameters, and ``u`` has the gradient's dtype.
 
 ``adam_8bit`` and ``adamw_8bit`` are fusable
 (:mod:`functional_adam.kernels.fused_adam8`): inside
-:func:`functional_adam.update_and_apply`, with float32 parameters on one CPU
-device, one pass of a compiled kernel per block decodes, steps, finds the new
+:func:`functional_adam.update_and_apply`, with float32 parameters on the CPU
+(with several devices, each on its shards), one pass of a compiled kernel per block decodes, steps, finds the new
 block maxima, encodes and writes θ, in place, with the same codes as the chain. The default ``block_size`` is
 256 (bitsandbytes' choice; 2048 is as fast here and slightly less accurate,
 see BENCHMARKS.md).

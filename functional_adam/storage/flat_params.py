@@ -82,7 +82,8 @@ class FlatParams:
 
         Raises:
             TypeError: for a leaf that is not an array, or a label that is not a string.
-            ValueError: for leaves of one buffer placed on different devices or shardings.
+            ValueError: for a sharded leaf (see :func:`refuse_sharded`), or leaves of one
+                buffer placed on different devices.
         """
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
         chunks: dict[str, list[jax.Array]] = {}
@@ -100,6 +101,7 @@ class FlatParams:
                     f"FlatParams.of: groups returned {label!r} for "
                     f"params{jax.tree_util.keystr(path)}; labels must be strings."
                 )
+            refuse_sharded(path, leaf)
             dtype = jnp.dtype(leaf.dtype).name
             key = f"{label}/{dtype}" if label else dtype
             specs.append(
@@ -149,6 +151,38 @@ class FlatParams:
             )
         mask = {key: key.rpartition("/")[0] in labels for key in self.buffers}
         return dataclasses.replace(self, buffers=mask)
+
+
+def _sharding_of(leaf: Any) -> Any:
+    """A leaf's sharding if it splits the leaf across devices, else ``None``."""
+    if isinstance(leaf, jax.core.Tracer):  # only Explicit mesh axes show in a traced type
+        sharding = getattr(jax.typeof(leaf), "sharding", None)
+        spec = getattr(sharding, "spec", ())
+        return sharding if any(axes is not None for axes in spec) else None
+    sharding = getattr(leaf, "sharding", None) if isinstance(leaf, jax.Array) else None
+    return None if sharding is None or sharding.is_fully_replicated else sharding
+
+
+def refuse_sharded(path: tuple, leaf: Any) -> None:
+    """Raises a ``ValueError`` for a leaf sharded across devices, naming it and what to use.
+
+    A flat buffer holds its leaves one after another, so a leaf's shards are runs of
+    the buffer that do not fall where the buffer's own shards do, for every leaf but
+    the first: flattening sharded leaves moves elements between devices when the
+    buffer is made, and again in every :meth:`FlatParams.tree`.
+    """
+    sharding = _sharding_of(leaf)
+    if sharding is None:
+        return
+    spec = getattr(sharding, "spec", sharding)
+    raise ValueError(
+        f"FlatParams.of: params{jax.tree_util.keystr(path)} is sharded ({spec} on "
+        f"{getattr(sharding, 'mesh', 'its devices')}). A flat buffer concatenates its leaves, "
+        "so their shards would not stay on their devices. Keep sharded parameters as a tree "
+        "and place the optimizer state like them (fa.init_sharded(tx, params), "
+        "fa.state_shardings); or flatten replicated leaves (or leaves on one device) and "
+        "shard the buffers themselves: jax.device_put(flat, NamedSharding(mesh, P('data')))."
+    )
 
 
 def _to_state_dict(serialization, flat: FlatParams) -> dict:
