@@ -154,6 +154,9 @@ def test_shard_major_blocks_of_whole_rows_are_the_flat_blocks(name):
         fused_params, fused_state = fused(p_major, state, g)
         chex.assert_trees_all_equal(fused_state, new_state[0])
         chex.assert_trees_all_close(fused_params, new_params, rtol=1e-6, atol=1e-7)
+        # the kernel's derivative rule (its arithmetic in jax.numpy) takes the same layout
+        primal, _ = jax.jvp(lambda p, s=state, g=g: fused(p, s, g)[0], (p_major,), (p_major,))
+        chex.assert_trees_all_close(primal, fused_params, rtol=1e-6, atol=1e-7)
         u_flat, flat_state = step(p_flat, flat_state, g)
         u_major, state = step(p_major, state, g)
         # AdEMAMix's update of the same moments rounds differently in the two programs (ulps)

@@ -86,6 +86,9 @@ def reference_step(
 ) -> list[tuple[jax.Array, BlockQuantized, BlockQuantized]]:
     """The kernel's arithmetic in ``jax.numpy`` (its derivative rule; equal to it within rounding).
 
+    Flat and shard-major leaves alike (a shard-major one as the flat blocks of its
+    shard-major order, as the kernel takes it).
+
     Example:
         >>> import jax.numpy as jnp
         >>> from functional_adam.storage import quantized as qz
@@ -98,7 +101,9 @@ def reference_step(
     """
     s = KernelScalars(*scalars)
     out = []
-    for (p, g, mu, nu), decays in zip(leaves, decay, strict=True):
+    for leaf, decays in zip(leaves, decay, strict=True):
+        (p, g, *codes), back = _as_flat((leaf[0], leaf[1], *leaf[2], *leaf[3]))
+        mu, nu = BlockQuantized(*codes[:2]), BlockQuantized(*codes[2:])
         n_blocks, block = mu.codes.shape
         flat = jnp.pad(g.reshape(-1), (0, n_blocks * block - g.size)).reshape(n_blocks, block)
         m = s.one_minus_b1 * flat + s.b1 * decode_blocks(mu, signed=True)
@@ -112,7 +117,8 @@ def reference_step(
         u = m_hat / (jnp.sqrt(v * s.inv_bc2 + s.eps_root) + s.eps)
         if decays:
             u = u + s.wd * p
-        out.append((p + s.neg_lr * u, mu, nu))
+        q, mc, ms, vc, vs = back((p + s.neg_lr * u, *mu, *nu))
+        out.append((q, BlockQuantized(mc, ms), BlockQuantized(vc, vs)))
     return out
 
 
