@@ -20,6 +20,7 @@ from functional_adam.core.base import (
     chain,
     identity,
 )
+from functional_adam.core.lift import layout_hints
 from functional_adam.core.numerics import safe_increment
 from functional_adam.kernels.dispatch import update_and_apply
 from functional_adam.optimizers.adabelief import ScaleByBeliefState, adabelief, scale_by_belief
@@ -67,6 +68,7 @@ from functional_adam.sharding import (
     check_state_shardings,
     describe_state_shardings,
     init_sharded,
+    jitted_init,
     state_shardings,
 )
 from functional_adam.storage.flat import FlatState, flatten
@@ -138,7 +140,9 @@ __all__ = [
     "from_torch_state",
     "identity",
     "init_sharded",
+    "jitted_init",
     "lamb",
+    "layout_hints",
     "lion",
     "lion_8bit",
     "nadam",

@@ -6,6 +6,9 @@ Run by ``tests/test_sharding.py`` in a subprocess with
 
 from __future__ import annotations
 
+import contextlib
+
+import chex
 import jax
 import numpy as np
 import pytest
@@ -172,3 +175,100 @@ def test_params_tuple_as_long_as_the_chain():
     shardings = fa.state_shardings(tx, (a, b))
     assert shardings[0].mu[0] == a.sharding and shardings[0].mu[1] == b.sharding
     assert shardings[0].count.spec == P()
+
+
+# 8-bit moments in the shard-major layout: codes (S_0, ..., S_{r-1}, n_local_blocks, 256).
+# "w" (64, 256), "v" (24, 384) and "b" (1024,) are quantized (min_8bit_size=1024), "s" is not.
+# Per-shard sizes: on 2x4 with P("data", "model"), v's 12 x 96 = 1152 elements are 4.5 blocks
+# (padded per shard); b over 8 shards holds 128 elements, half a block.
+EIGHT_BIT_SHAPES = {"w": (64, 256), "v": (24, 384), "b": (1024,), "s": (12,)}
+EIGHT_BIT_SPECS = {
+    "fsdp": {"w": P("data"), "v": P("data"), "b": P("data")},
+    "column": {"w": P(None, "data"), "v": P(None, "data"), "b": P("data")},
+    "fsdp_tp": {"w": P("data", "model"), "v": P("data", "model"), "b": P(("data", "model"))},
+}
+
+
+def _tree_8bit(seed):
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(size=s).astype(np.float32) for k, s in EIGHT_BIT_SHAPES.items()}
+
+
+def _place_8bit(tree, mesh, layout, explicit=False):
+    def put(key, x):
+        spec = list(EIGHT_BIT_SPECS[layout].get(key, P()))
+        if explicit:  # jax.jit's specs on Explicit axes are full length
+            spec += [None] * (x.ndim - len(spec))
+        return jax.device_put(x, NamedSharding(mesh, P(*spec)))
+
+    return {k: put(k, x) for k, x in tree.items()}
+
+
+def _counts(x):
+    return tuple(n // m for n, m in zip(x.shape, x.sharding.shard_shape(x.shape), strict=True))
+
+
+def _run_steps(tx, params, state, grads_list):
+    """Jitted, donated steps one at a time: ``(params, state, first step's state, step)``."""
+    step = jax.jit(ml.step_fn(tx, "update"), donate_argnums=(0, 1))
+    first = None
+    for grads in grads_list:
+        params, state = jax.block_until_ready(step(params, state, grads))
+        first = jax.device_get(state) if first is None else first
+    return params, state, first, step
+
+
+@pytest.mark.parametrize(
+    ("mesh_shape", "layout", "axis_type"),
+    [
+        ((8, 1), "fsdp", AxisType.Auto),
+        ((8, 1), "column", AxisType.Auto),
+        ((2, 4), "column", AxisType.Explicit),
+        ((2, 4), "fsdp_tp", AxisType.Auto),
+        ((4, 2), "fsdp_tp", AxisType.Explicit),
+    ],
+    ids=str,
+)
+def test_adam_8bit_blocks_follow_the_shards(mesh_shape, layout, axis_type):
+    mesh = ml.make_mesh(mesh_shape, axis_type)
+    explicit = axis_type == AxisType.Explicit
+    tx = fa.adam_8bit(1e-2, min_8bit_size=1024)
+    host = _tree_8bit(0)
+    grads = [_tree_8bit(1 + t) for t in range(3)]
+    params = _place_8bit(host, mesh, layout, explicit)
+    with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
+        state = fa.init_sharded(tx, params)
+        ml.assert_same_shardings(state, fa.state_shardings(tx, params))
+        for key in ("w", "v", "b"):  # leading axes: the shards, placed like the parameter
+            codes = state[0].mu[key].codes
+            assert codes.shape[:-2] == _counts(params[key]) and codes.shape[-1] == 256
+            shard = codes.sharding.shard_shape(codes.shape)
+            assert shard[:-2] == (1,) * params[key].ndim and shard[-2:] == codes.shape[-2:]
+        assert state[0].mu["s"].shape == (12,)
+        shardings = ml.shardings_of((params, state))
+        placed = [_place_8bit(g, mesh, layout, explicit) for g in grads]
+        *out, first, step = _run_steps(tx, params, state, placed)
+        on_mesh = tuple(out)
+        ml.assert_same_shardings(on_mesh, shardings)  # every step kept every sharding
+        assert step._cache_size() == 1
+        hlo = step.lower(*on_mesh, placed[0]).compile().as_text()
+        assert ml.gathers_of_arrays(hlo) == []
+
+    # The same layout on one device (the shard counts as hints): bitwise the same run.
+    counts = {k: _counts(x) for k, x in on_mesh[0].items()}
+    with fa.layout_hints(counts):
+        state = tx.init(host)
+    assert state[0].mu["w"].codes.shape == on_mesh[1][0].mu["w"].codes.shape
+    one = jax.devices()[0]
+    alone = _run_steps(tx, jax.device_put(host, one), state, jax.device_put(grads, one))[:2]
+    chex.assert_trees_all_equal(jax.device_get(on_mesh), jax.device_get(alone))
+
+    # Each shard's blocks hold that shard's elements: after one step m = (1 - b1) g, so the
+    # scale of block k of shard s is max |0.1 g| over elements [256k, 256k + 256) of shard s.
+    scale = first[0].mu["v"].scale
+    (s0, s1), (r, c) = counts["v"], (24 // counts["v"][0], 384 // counts["v"][1])
+    for i in range(s0):
+        for j in range(s1):
+            local = grads[0]["v"][i * r : (i + 1) * r, j * c : (j + 1) * c].reshape(-1)
+            local = np.pad(local, (0, scale.shape[-1] * 256 - local.size)).reshape(-1, 256)
+            np.testing.assert_allclose(scale[i, j], np.abs(local).max(1) * 0.1, rtol=1e-6)

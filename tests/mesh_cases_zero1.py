@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import functional_adam as fa
@@ -220,36 +220,94 @@ def test_flax_nnx_optimizer_with_a_sharded_model():
     assert losses["fa"][-1] < losses["fa"][0]
 
 
-def test_adam_8bit_rule_and_what_its_step_gathers():
-    """The block rule for 8-bit leaves; the step runs and matches the unsharded run.
+def _one_device_twin(tx, host, counts, grads):
+    """The same optimizer on one device with the same shard-major layout (shard counts as hints)."""
+    with fa.layout_hints(counts):
+        state = tx.init(host)
+    one = jax.devices()[0]
+    return _run(tx, jax.device_put(host, one), state, jax.device_put(grads, one))
 
-    The 8-bit step reshapes each parameter into blocks, which is not expressible per
-    shard: the compiled step gathers. Printed for the record (run with -s).
-    """
-    mesh = ml.make_mesh((8, 1))
+
+def test_adam_8bit_zero1_and_orbax_on_tensor_parallel(tmp_path):
+    """ZeRO-1 blocks each moment per shard of its ZeRO-1 sharding; the run is bitwise the
+    one-device twin's, and Orbax restores the shard-major state onto the same layout."""
+    mesh = ml.make_mesh((2, 4))
     tx = fa.adam_8bit(1e-2, min_8bit_size=1024)
-    host = {"w": np.ones((64, 256), np.float32), "v": np.ones((12, 512), np.float32)}
-    # w: sharded on rows, 8 rows of 256 per shard = 8 whole blocks; v: sharded on columns
-    params = ml.placed(host, mesh, "fsdp")
-    shardings = fa.state_shardings(tx, params)
-    assert shardings[0].mu["w"].codes.spec == P("data")
-    assert shardings[0].mu["w"].scale.spec == P("data")
-    assert shardings[0].mu["v"].codes.spec == P()
-    odd = ml.placed({"w": np.ones((8, 160), np.float32)}, mesh, "fsdp")
-    # 160 elements per shard is not whole blocks of 256: replicated
-    assert fa.state_shardings(tx, odd)[0].mu["w"].codes.spec == P()
-
-    grads = [jax.tree.map(lambda x, t=t: x * (t + 1) / 10, host) for t in range(3)]
-    reference = _run(tx, jax.device_put(host, jax.devices()[0]), tx.init(host), grads)
-    state = fa.init_sharded(tx, params)
-    step = jax.jit(ml.step_fn(tx, "update_and_apply"), donate_argnums=(0, 1))
-    hlo = step.lower(params, state, ml.placed(grads[0], mesh, "fsdp")).compile().as_text()
-    print("adam_8bit FSDP step collectives:", ml.collectives(hlo))
-    # w's blocks follow its shards: nothing of w's size moves; v's state is replicated and its
-    # parameter, gradient or update are gathered (12 * 512 elements).
-    assert ml.gathers_of_arrays(hlo)
-    assert {elements for _, _, elements in ml.gathers_of_arrays(hlo)} == {12 * 512}
-    sharded = _run(tx, params, state, [ml.placed(g, mesh, "fsdp") for g in grads])
-    chex.assert_trees_all_close(
-        jax.device_get(sharded[0]), jax.device_get(reference[0]), rtol=0, atol=0
+    rng = np.random.default_rng(0)
+    # e: 'data' divides neither 17 nor 68 / 4; its 17 x 17 per shard are 2 padded blocks.
+    shapes = {"w": (64, 256), "b": (1024,), "e": (17, 68)}
+    specs = {"w": P(None, "model"), "b": P(), "e": P(None, "model")}
+    host, *grads = (
+        {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(4)
     )
+
+    def place(tree):
+        return {k: jax.device_put(x, NamedSharding(mesh, specs[k])) for k, x in tree.items()}
+
+    params = place(host)
+    shardings = fa.state_shardings(tx, params, zero1_axis="data")
+    rows = {r.path: r for r in fa.describe_state_shardings(tx, params, zero1_axis="data")}
+    assert rows["[0].mu['w'].codes"].shape == (2, 4, 8, 256)  # 32 x 64 per shard: 8 blocks
+    assert shardings[0].mu["w"].codes.spec == P("data", "model")
+    assert rows["[0].mu['w'].codes"].reason.endswith("(plus 'data' on dim 0 (ZeRO-1))")
+    assert rows["[0].mu['b'].codes"].shape == (2, 2, 256)  # replicated: split by ZeRO-1 alone
+    assert shardings[0].nu["b"].scale.spec == P("data")
+    assert rows["[0].mu['e'].codes"].shape == (1, 4, 2, 256)
+    assert shardings[0].mu["e"].codes.spec == P(None, "model")
+    assert "not partitioned over 'data'" in rows["[0].nu['e'].scale"].reason
+
+    state = fa.init_sharded(tx, params, zero1_axis="data")
+    ml.assert_same_shardings(state, shardings)
+    out = (ml.shardings_of(params), shardings)
+    sharded = _run(tx, params, state, [place(g) for g in grads], out_shardings=out)
+    ml.assert_same_shardings(sharded, out)
+    counts = {"w": (2, 4), "b": (2,), "e": (1, 4)}
+    chex.assert_trees_all_equal(
+        jax.device_get(sharded), jax.device_get(_one_device_twin(tx, host, counts, grads))
+    )
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "state", sharded[1])
+    checkpointer.wait_until_finished()
+    target = fa.abstract_state(tx, params, zero1_axis="data")
+    restored = checkpointer.restore(tmp_path / "state", target)
+    _assert_restored(restored, sharded[1], target)
+    fa.check_state_shardings(tx, restored, params, zero1_axis="data")
+
+
+def test_adam_8bit_state_for_other_shards_is_refused():
+    """A shard-major state stepped or checked with parameters split otherwise: the leaf is named."""
+    tx = fa.adam_8bit(1e-2, min_8bit_size=1024)
+    host = {"w": np.ones((64, 256), np.float32)}
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+        mesh = ml.make_mesh((8, 1), axis_type)
+        by_columns = {"w": jax.device_put(host["w"], NamedSharding(mesh, P(None, "data")))}
+        by_rows = {"w": jax.device_put(host["w"], NamedSharding(mesh, P("data", None)))}
+        state = fa.init_sharded(tx, by_columns)
+        assert state[0].mu["w"].codes.shape == (1, 8, 8, 256)
+        with pytest.raises(
+            ValueError,
+            match=r"state\[0\]\.mu\['w'\]\.codes has shape \(1, 8, 8, 256\) and sharding "
+            r"NamedSharding\(.*spec=P\(None, 'data'.* where shape \(8, 1, 8, 256\) and sharding "
+            r"NamedSharding\(.*spec=P\('data',.* were expected \(8-bit blocks laid out per shard",
+        ):
+            fa.check_state_shardings(tx, state, by_rows)
+        message = (
+            r"updates\['w'\]: 8-bit blocks laid out for \(1, 8\) shards \(codes \(1, 8, 8, 256\)\) "
+            r"but the gradient is split into \(8, 1\) shards"
+        )
+        with pytest.raises(ValueError, match=message):  # eager: the arrays' shardings
+            tx.update(by_rows, state, by_rows)
+        if axis_type == AxisType.Explicit:
+            with jax.set_mesh(mesh), pytest.raises(ValueError, match=message):  # under jit
+                jax.jit(tx.update)(by_rows, state, by_rows)
+            flat = jax.device_put(tx.init(host), NamedSharding(mesh, P()))  # built on one device
+            with (
+                jax.set_mesh(mesh),
+                pytest.raises(ValueError, match=r"updates\['w'\]: 8-bit blocks laid out flat"),
+            ):
+                jax.jit(tx.update)(by_columns, flat, by_columns)
+    with pytest.raises(
+        ValueError, match=r"updates\['w'\]: .* do not divide a leaf of shape \(64, 100\)"
+    ):
+        tx.update({"w": jnp.ones((64, 100))}, state)

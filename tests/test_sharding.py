@@ -13,8 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
@@ -121,3 +123,60 @@ def test_single_array_params_and_scalar_leaves():
     param = jax.device_put(jnp.ones(4), sharding)
     shardings = fa.state_shardings(fa.chain(fa.scale_by_adam(), fa.scale(-0.1)), param)
     assert shardings[0].mu == sharding and shardings[0].count.spec == P()
+
+
+EIGHT_BIT = {
+    "adam_8bit": lambda: fa.adam_8bit(1e-2, min_8bit_size=1024),
+    "adamw_8bit": lambda: fa.adamw_8bit(1e-2, weight_decay=0.1, min_8bit_size=1024),
+    "lion_8bit": lambda: fa.lion_8bit(1e-3, min_8bit_size=1024),
+    "ademamix_8bit": lambda: fa.ademamix_8bit(1e-2, min_8bit_size=1024),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EIGHT_BIT))
+def test_shard_major_blocks_of_whole_rows_are_the_flat_blocks(name):
+    """Rows split in 2, 256 columns: each shard's blocks are the flat layout's rows, in order,
+    so the shard-major codes are the flat codes reshaped, bitwise, step after step."""
+    tx = EIGHT_BIT[name]()
+    rng = np.random.default_rng(0)
+    params, *grads = ({"w": rng.normal(size=(8, 256)).astype(np.float32)} for _ in range(4))
+    flat_state = tx.init(params)
+    with fa.layout_hints({"w": (2, 1)}):
+        state = tx.init(params)
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+    fused = jax.jit(lambda p, s, g: fa.update_and_apply(tx, g, s, p))
+    chained = jax.jit(lambda p, s, g: fa.update_and_apply(fa.chain(tx), g, (s,), p))
+    p_flat = p_major = params
+    for g in grads:
+        # update_and_apply (adam_8bit, adamw_8bit: the kernel where it runs, on the blocks
+        # of each shard in turn): the moments of the XLA path, parameters within rounding
+        new_params, new_state = chained(p_major, state, g)
+        fused_params, fused_state = fused(p_major, state, g)
+        chex.assert_trees_all_equal(fused_state, new_state[0])
+        chex.assert_trees_all_close(fused_params, new_params, rtol=1e-6, atol=1e-7)
+        # the kernel's derivative rule (its arithmetic in jax.numpy) takes the same layout
+        primal, _ = jax.jvp(lambda p, s=state, g=g: fused(p, s, g)[0], (p_major,), (p_major,))
+        chex.assert_trees_all_close(primal, fused_params, rtol=1e-6, atol=1e-7)
+        u_flat, flat_state = step(p_flat, flat_state, g)
+        u_major, state = step(p_major, state, g)
+        # AdEMAMix's update of the same moments rounds differently in the two programs (ulps)
+        tol = 1e-8 if name == "ademamix_8bit" else 0
+        chex.assert_trees_all_close(u_major, u_flat, rtol=1000 * tol, atol=tol)
+        p_flat, p_major = fa.apply_updates(p_flat, u_flat), fa.apply_updates(p_major, u_major)
+    flat_leaves = jax.tree.leaves(flat_state)
+    major_leaves = jax.tree.leaves(state)
+    assert any(x.ndim == 4 for x in major_leaves)  # codes (2, 1, 4, 256)
+    for flat, major in zip(flat_leaves, major_leaves, strict=True):
+        chex.assert_trees_all_equal(major.reshape(flat.shape), flat)
+
+
+def test_layout_hints_of_another_structure_are_ignored():
+    tx = fa.adam_8bit(1e-2, min_8bit_size=16)
+    with fa.layout_hints({"w": (1, 2), "b": None}):
+        assert tx.init({"w": jnp.zeros((4, 8))})[0].mu["w"].codes.shape == (1, 256)
+        assert tx.init({"w": jnp.zeros((4, 8)), "b": jnp.zeros(2)})[0].mu["w"].codes.ndim == 4
+    assert tx.init({"w": jnp.zeros((4, 8))})[0].mu["w"].codes.shape == (1, 256)  # outside
+    with pytest.raises(ValueError, match=r"updates\['w'\]: 8-bit blocks laid out for \(1, 2\)"):
+        with fa.layout_hints({"w": (1, 2)}):
+            state = tx.init({"w": jnp.zeros((4, 8))})
+        tx.update({"w": jnp.zeros((4, 7))}, state)

@@ -123,8 +123,9 @@ def layout(config: Config, mesh: Any, tx: fa.GradientTransformation):
     with_sh = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, param_sh
     )
-    state_sh = state_shardings(tx, with_sh, zero1_axis="data" if config.zero1 else None)
-    abstract_state = jax.eval_shape(tx.init, abstract_params)
+    zero1 = "data" if config.zero1 else None
+    state_sh = state_shardings(tx, with_sh, zero1_axis=zero1)
+    abstract_state = fa.abstract_state(tx, with_sh, zero1_axis=zero1)  # 8-bit: blocks per shard
     target = ckpt.abstract_state(abstract_params, param_sh, abstract_state, state_sh)
     return make_params, target, param_sh, state_sh
 

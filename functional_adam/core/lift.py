@@ -24,7 +24,9 @@ gradient's dtype.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -77,8 +79,12 @@ class LeafOptimizer(NamedTuple):
 class Storage(Protocol):
     """How the moments of a leaf are kept: their zeros, and one step through them."""
 
-    def init(self, param: Any, moment: Moment) -> Any:
-        """The stored zeros of ``moment`` for ``param`` (an array or ``ShapeDtypeStruct``)."""
+    def init(self, param: Any, moment: Moment, layout: Any = None) -> Any:
+        """The stored zeros of ``moment`` for ``param`` (an array or ``ShapeDtypeStruct``).
+
+        ``layout``: the parameter's hint from :func:`layout_hints` (a ``Sharding``, or
+        shard counts), passed only when one is given.
+        """
 
     def step(self, step: LeafStep, g: jax.Array, stored: tuple, scalars: Any) -> tuple:
         """``(u, stored moments)`` after one ``step`` of the leaf with gradient ``g``."""
@@ -90,7 +96,8 @@ class Storage(Protocol):
 class PlainStorage(NamedTuple):
     """Moments as arrays of the dtypes the :class:`Moment` asks for (the default layer)."""
 
-    def init(self, param: Any, moment: Moment) -> jax.Array:
+    def init(self, param: Any, moment: Moment, layout: Any = None) -> jax.Array:
+        del layout  # plain moments take the parameter's shape, whatever its sharding
         dtype = moment_dtype(param.dtype, moment.dtype, squared=moment.squared)
         return jnp.full_like(param, moment.initial, dtype=dtype)
 
@@ -103,11 +110,71 @@ class PlainStorage(NamedTuple):
         return False  # every array is one leaf's moment
 
 
+class LeafError(ValueError):
+    """Bad input found by a storage layer for one leaf; :func:`lift` adds the leaf's path."""
+
+
+_LAYOUT_HINTS: contextvars.ContextVar[Any] = contextvars.ContextVar("layout_hints", default=None)
+
+
+@contextlib.contextmanager
+def layout_hints(hints: Any) -> Iterator[None]:
+    """Inside the ``with``, ``init`` of lifted optimizers sees each parameter's layout hint.
+
+    ``hints`` is a tree with the parameters' structure whose leaves are ``Sharding`` s,
+    tuples of shard counts per dimension, or ``None``. A storage layer that lays out its
+    state per shard (8-bit blocks, :mod:`functional_adam.storage.shard_blocks`) reads
+    it where the parameter alone does not say how it is split: an abstract parameter, or
+    a tracer under ``jax.jit`` with Auto mesh axes. An ``init`` whose parameters have
+    another structure (inside :func:`~functional_adam.flatten`, ``optax.masked``) ignores
+    the hints. :func:`~functional_adam.state_shardings` and
+    :func:`~functional_adam.init_sharded` set them from the parameters' shardings.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import functional_adam as fa
+        >>> tx = fa.adam_8bit(1e-3, min_8bit_size=16)
+        >>> with fa.layout_hints({"w": (1, 2)}):  # as if "w" were split in two along its columns
+        ...     state = tx.init({"w": jnp.zeros((4, 8))})
+        >>> state[0].mu["w"].codes.shape  # (1, 2) shards, 1 block of 256 each
+        (1, 2, 1, 256)
+    """
+    token = _LAYOUT_HINTS.set(hints)
+    try:
+        yield
+    finally:
+        _LAYOUT_HINTS.reset(token)
+
+
+def _hints_for(treedef: Any) -> list[Any] | None:
+    """The active hints cut at the parameters' leaves, or ``None`` (none, or another structure)."""
+    hints = _LAYOUT_HINTS.get()
+    if hints is None:
+        return None
+    try:
+        return treedef.flatten_up_to(hints)
+    except (ValueError, TypeError):
+        return None
+
+
+def _init_leaf(storage: Storage, param: Any, moment: Moment, hint: Any) -> Any:
+    if hint is None:
+        return storage.init(param, moment)
+    return storage.init(param, moment, layout=hint)
+
+
 def _moment_trees(state: Any, moments: Sequence[Moment]) -> list[Any]:
     return [getattr(state, m.name) for m in moments]
 
 
 PLAIN = PlainStorage()
+
+
+def _step_leaf(storage: Storage, step: LeafStep, path: Any, g, stored: tuple, scalars) -> tuple:
+    try:
+        return storage.step(step, g, stored, scalars)
+    except LeafError as e:
+        raise LeafError(f"updates{jax.tree_util.keystr(path)}: {e}") from None
 
 
 def lift(optimizer: LeafOptimizer, storage: Storage = PLAIN) -> GradientTransformation:
@@ -145,8 +212,12 @@ def lift(optimizer: LeafOptimizer, storage: Storage = PLAIN) -> GradientTransfor
 
     def init(params: Params):
         checks.check_float_leaves(params, "params")
+        leaves, treedef = jax.tree.flatten(params)
+        hints = _hints_for(treedef) or [None] * len(leaves)
         trees = [
-            jax.tree.map(lambda p, m=moment: storage.init(p, m), params)
+            treedef.unflatten(
+                [_init_leaf(storage, p, moment, h) for p, h in zip(leaves, hints, strict=True)]
+            )
             for moment in optimizer.moments
         ]
         return optimizer.state_type(zero_count(), *trees)
@@ -160,11 +231,11 @@ def lift(optimizer: LeafOptimizer, storage: Storage = PLAIN) -> GradientTransfor
         checks.check_shapes(updates, params if params is not None else trees[0])
         count_inc = safe_increment(state.count)
         scalars = optimizer.scalars(count_inc)
-        g_leaves, treedef = jax.tree.flatten(updates)
+        g_entries, treedef = jax.tree_util.tree_flatten_with_path(updates)
         stored = [treedef.flatten_up_to(tree) for tree in trees]
         results = [
-            storage.step(optimizer.step, g, tuple(leaf), scalars)
-            for g, *leaf in zip(g_leaves, *stored, strict=True)
+            _step_leaf(storage, optimizer.step, path, g, tuple(leaf), scalars)
+            for (path, g), *leaf in zip(g_entries, *stored, strict=True)
         ]
         new_updates = treedef.unflatten([u for u, _ in results])
         new_trees = [treedef.unflatten([r[1][i] for r in results]) for i in range(len(trees))]

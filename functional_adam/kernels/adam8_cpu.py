@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from functional_adam.kernels import build, per_shard
 from functional_adam.kernels.adam_cpu import KernelScalars
 from functional_adam.kernels.build import TARGET_8BIT
+from functional_adam.storage import shard_blocks
 from functional_adam.storage.blockwise import encode_moments
 from functional_adam.storage.codec import Codec, make_codec
 from functional_adam.storage.quantized import BlockQuantized, decode_blocks
@@ -85,6 +86,9 @@ def reference_step(
 ) -> list[tuple[jax.Array, BlockQuantized, BlockQuantized]]:
     """The kernel's arithmetic in ``jax.numpy`` (its derivative rule; equal to it within rounding).
 
+    Flat and shard-major leaves alike (a shard-major one as the flat blocks of its
+    shard-major order, as the kernel takes it).
+
     Example:
         >>> import jax.numpy as jnp
         >>> from functional_adam.storage import quantized as qz
@@ -97,7 +101,9 @@ def reference_step(
     """
     s = KernelScalars(*scalars)
     out = []
-    for (p, g, mu, nu), decays in zip(leaves, decay, strict=True):
+    for leaf, decays in zip(leaves, decay, strict=True):
+        (p, g, *codes), back = _as_flat((leaf[0], leaf[1], *leaf[2], *leaf[3]))
+        mu, nu = BlockQuantized(*codes[:2]), BlockQuantized(*codes[2:])
         n_blocks, block = mu.codes.shape
         flat = jnp.pad(g.reshape(-1), (0, n_blocks * block - g.size)).reshape(n_blocks, block)
         m = s.one_minus_b1 * flat + s.b1 * decode_blocks(mu, signed=True)
@@ -111,7 +117,8 @@ def reference_step(
         u = m_hat / (jnp.sqrt(v * s.inv_bc2 + s.eps_root) + s.eps)
         if decays:
             u = u + s.wd * p
-        out.append((p + s.neg_lr * u, mu, nu))
+        q, mc, ms, vc, vs = back((p + s.neg_lr * u, *mu, *nu))
+        out.append((q, BlockQuantized(mc, ms), BlockQuantized(vc, vs)))
     return out
 
 
@@ -159,9 +166,9 @@ def _call_kernel(scalars, leaves, decay, nesterov, simd):
     # The scalars, then the codec's tables: one replicated operand (no constant in the call).
     packed = jnp.concatenate([scalars, jnp.asarray(codec_constants())])
     if jax.device_count() > 1:  # the arrays may be sharded: one call per device, on its shards
-        out = per_shard.per_shard_call(_one_call, (decay, nesterov, simd), packed, flat, Blocks())
+        out = per_shard.per_shard_call(_any_call, (decay, nesterov, simd), packed, flat, Blocks())
     else:
-        out = _one_call(packed, flat, decay, nesterov, simd)
+        out = _any_call(packed, flat, decay, nesterov, simd)
     return [(r[0], BlockQuantized(*r[1:3]), BlockQuantized(*r[3:5])) for r in out]
 
 
@@ -183,6 +190,69 @@ def _one_call(packed, leaves, decay, nesterov, simd):
     )
     flat = call(*operands, decay=np.asarray(decay, np.int64), nesterov=bool(nesterov), simd=simd)
     return [tuple(flat[5 * k : 5 * k + 5]) for k in range(len(leaves))]
+
+
+def is_shard_major(shapes) -> bool:
+    """Whether a leaf's ``(θ, g, m codes, ...)`` shapes hold shard-major codes
+    (:mod:`functional_adam.storage.shard_blocks`): codes of rank ``θ.ndim + 2``."""
+    return len(shapes[0]) > 0 and len(shapes[2]) == len(shapes[0]) + 2
+
+
+def _any_call(packed, leaves, decay, nesterov, simd):
+    """:func:`_one_call` for flat and shard-major leaves: the shard-major ones are called as
+    the flat blocks of their arrays in shard-major order (each shard flattened and padded
+    to whole blocks; on a device holding one shard's blocks, just a reshape) and put back."""
+    flat, undo = zip(*(_as_flat(leaf) for leaf in leaves), strict=True)
+    out = _one_call(packed, list(flat), decay, nesterov, simd)
+    return [back(result) for back, result in zip(undo, out, strict=True)]
+
+
+def _as_flat(leaf):
+    """``(leaf as flat blocks, results -> results in the leaf's layout)``."""
+    p, g, m_codes, m_scales, v_codes, v_scales = leaf
+    if not is_shard_major([x.shape for x in leaf]):
+        return leaf, lambda out: out
+    shards, block = m_codes.shape[: p.ndim], m_codes.shape[-1]
+
+    def flat(x):
+        return shard_blocks.to_blocks(x, shards, block).reshape(-1)
+
+    def back(out):
+        q, mc, ms, vc, vs = out
+        q = shard_blocks.from_blocks(q.reshape(m_codes.shape), p.shape)
+        return (
+            q,
+            mc.reshape(m_codes.shape),
+            ms.reshape(m_scales.shape),
+            vc.reshape(v_codes.shape),
+            vs.reshape(v_scales.shape),
+        )
+
+    codes = (m_codes, m_scales, v_codes, v_scales)
+    return (
+        flat(p),
+        flat(g),
+        *(x.reshape(-1, block) if x.ndim == p.ndim + 2 else x.reshape(-1) for x in codes),
+    ), back
+
+
+def _shard_major_shardings(shardings, shapes) -> tuple[list, list]:
+    """A shard-major leaf: per shard where its codes hold one shard's blocks on each device
+    (θ and g then cut into the same shards); else replicated (every device, all blocks)."""
+    r, codes = len(shapes[0]), shardings[2]
+    if isinstance(codes, NamedSharding):
+        spec = tuple(codes.spec) + (None,) * (r + 2 - len(codes.spec))
+        lead = spec[:r]
+        sizes = tuple(math.prod(codes.mesh.shape[a] for a in per_shard.axes_of([e])) for e in lead)
+        if sizes == tuple(shapes[2][:r]) and spec[r:] == (None, None):
+            theta = NamedSharding(codes.mesh, P(*lead))
+            c, s = (
+                NamedSharding(codes.mesh, P(*lead, None, None)),
+                NamedSharding(codes.mesh, P(*lead, None)),
+            )
+            return [theta, theta, c, s, c, s], [theta, c, s, c, s]
+    one = per_shard.replicated(shardings[0])
+    return [one] * 6, [one] * 5
 
 
 def block_axes(param: Any, codes: Any, shape: tuple[int, ...], blocks: tuple[int, int]):
@@ -207,7 +277,8 @@ def block_axes(param: Any, codes: Any, shape: tuple[int, ...], blocks: tuple[int
 @dataclasses.dataclass(frozen=True)
 class Blocks:
     """An 8-bit leaf ``(θ, g, m codes, m scales, v codes, v scales)``, cut per shard where its
-    blocks lie along the parameter's first-axis shards (:func:`block_axes`); else replicated
+    blocks lie along the parameter's first-axis shards (:func:`block_axes`), or where its
+    shard-major codes hold one shard's blocks per device (θ cut like them); else replicated
     (the arrays gathered, as the XLA path gathers them). The gradient is resharded to θ's."""
 
     results_of: tuple[int, ...] = (0, 2, 3, 4, 5)
@@ -216,9 +287,14 @@ class Blocks:
         theta = " ".join(f"l{k}p{d}" for d in range(len(shapes[0])))
         grad = " ".join(f"l{k}g{d}" for d in range(len(shapes[0])))
         codes, scales = f"l{k}b l{k}e", f"l{k}b"
+        if is_shard_major(shapes):  # leading axes: the shards, factors of their own
+            lead = " ".join(f"l{k}s{d}" for d in range(len(shapes[0])))
+            codes, scales = f"{lead} {codes}", f"{lead} {scales}"
         return [theta, grad, codes, scales, codes, scales], [theta, codes, scales, codes, scales]
 
     def shardings(self, shardings, shapes) -> tuple[list, list]:
+        if is_shard_major(shapes):
+            return _shard_major_shardings(shardings, shapes)
         axes = block_axes(shardings[0], shardings[2], tuple(shapes[0]), tuple(shapes[2]))
         if not axes:
             one = per_shard.replicated(shardings[0])

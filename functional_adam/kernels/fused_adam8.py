@@ -16,12 +16,15 @@ whose kernel was built with its AVX-512 code (its scalar code, for other CPUs,
 is slower than XLA's loops), or one GPU; anything else takes the chain, which
 also gives the errors for bad input. With several CPU devices each runs the
 kernels on its shards (:mod:`functional_adam.kernels.per_shard`): an 8-bit leaf
-whose blocks follow its parameter's first-axis shards steps there, any other on
-gathered arrays (:class:`functional_adam.kernels.adam8_cpu.Blocks`).
+laid out per shard (:mod:`functional_adam.storage.shard_blocks`), or flat with its
+blocks along its parameter's first-axis shards, steps there, any other on gathered
+arrays (:class:`functional_adam.kernels.adam8_cpu.Blocks`). The Pallas kernel takes
+flat blocks only.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -32,6 +35,7 @@ from functional_adam.core.numerics import safe_increment
 from functional_adam.kernels import adam8_cpu, adam_cpu, build, per_shard
 from functional_adam.kernels.dispatch import fusable
 from functional_adam.kernels.fused_adam import cpu_kernel_applies, step_scalars
+from functional_adam.storage import shard_blocks
 from functional_adam.storage.quantized import BlockQuantized
 from functional_adam.transforms.learning_rate import scale_by_learning_rate
 from functional_adam.transforms.weight_decay import add_decayed_weights
@@ -43,19 +47,26 @@ def _is_f32(x: Any, shape: tuple[int, ...]) -> bool:
     return getattr(x, "dtype", None) == jnp.float32 and getattr(x, "shape", None) == shape
 
 
-def _fits_blocks(size: int, mu: Any, nu: Any) -> bool:
-    """Whether ``mu``/``nu`` are the int8/uint8 blocks of a leaf of ``size`` elements."""
+def _fits_blocks(shape: tuple[int, ...], mu: Any, nu: Any) -> bool:
+    """Whether ``mu``/``nu`` are the int8/uint8 blocks of a leaf of ``shape``: flat, or
+    shard-major (:mod:`functional_adam.storage.shard_blocks`)."""
     if not (isinstance(mu, BlockQuantized) and isinstance(nu, BlockQuantized)):
         return False
-    if mu.codes.ndim != 2 or mu.codes.dtype != jnp.int8 or nu.codes.dtype != jnp.uint8:
+    if mu.codes.dtype != jnp.int8 or nu.codes.dtype != jnp.uint8:
         return False
-    blocks, block = mu.codes.shape
-    shapes_match = nu.codes.shape == mu.codes.shape and mu.scale.shape == nu.scale.shape == (
-        blocks,
+    block = mu.codes.shape[-1]
+    shapes_match = nu.codes.shape == mu.codes.shape and (
+        mu.scale.shape == nu.scale.shape == mu.codes.shape[:-1]
     )
     scales_f32 = mu.scale.dtype == nu.scale.dtype == jnp.float32
-    holds = (blocks - 1) * block < size <= blocks * block or size == blocks == 0
-    return shapes_match and scales_f32 and holds and 0 < block <= _MAX_BLOCK
+    if not (shapes_match and scales_f32 and 0 < block <= _MAX_BLOCK):
+        return False
+    if len(shape) and mu.codes.ndim == len(shape) + 2:
+        return shard_blocks.layout_error(shape, mu.codes.shape, block, None) is None
+    if mu.codes.ndim != 2:
+        return False
+    blocks, size = mu.codes.shape[0], math.prod(shape)
+    return (blocks - 1) * block < size <= blocks * block or size == blocks == 0
 
 
 def kernel_leaves(grads: Any, state: Any, params: Any):
@@ -75,7 +86,7 @@ def kernel_leaves(grads: Any, state: Any, params: Any):
         if not (_is_f32(p, p.shape) and _is_f32(g, p.shape)):
             return None
         plain = _is_f32(m, p.shape) and _is_f32(v, p.shape)
-        if not (plain or _fits_blocks(p.size, m, v)):
+        if not (plain or _fits_blocks(p.shape, m, v)):
             return None
     return treedef, leaves
 
@@ -155,6 +166,10 @@ def adam8_chain(
         if found is None:
             return None
         treedef, leaves = found
+        if where == "gpu" and any(
+            m.codes.ndim > 2 for _, _, m, _ in leaves if isinstance(m, BlockQuantized)
+        ):
+            return None  # the Pallas kernel takes flat blocks; shard-major ones: the XLA path
         if jax.device_count() > 1 and not per_shard.supported([jax.tree.leaves(x) for x in leaves]):
             return None  # a mesh of Auto and Explicit axes together
         count = safe_increment(adam_state.count)

@@ -39,8 +39,11 @@ bitsandbytes does for small tensors.
 The state ``ScaleByAdam8bitState(count, mu, nu)`` is an ordinary pytree of
 arrays: each quantized leaf of ``mu``/``nu`` is a
 :class:`~functional_adam.storage.quantized.BlockQuantized` ``(codes, scale)`` with codes of
-shape ``(n_blocks, block_size)``, so it jits, checkpoints and can be sharded
-along its block axis.
+shape ``(n_blocks, block_size)``, so it jits and checkpoints. For a parameter split
+over several devices (:func:`functional_adam.init_sharded`), each shard is blocked on its
+own: codes ``(S_0, ..., S_{r-1}, n_local_blocks, block_size)`` sharded like the
+parameter, so a sharded step moves nothing between devices
+(:mod:`functional_adam.storage.shard_blocks`).
 """
 
 from __future__ import annotations

@@ -5,12 +5,12 @@ JAX is the distributed engine (``jax.sharding``, ``jax.jit``'s
 leaf of an optimizer state lives. See ``docs/scale.md``.
 """
 
+from functional_adam.sharding.init import init_sharded, jitted_init
 from functional_adam.sharding.state import (
     StateLeafSharding,
     abstract_state,
     check_state_shardings,
     describe_state_shardings,
-    init_sharded,
     state_shardings,
 )
 
@@ -20,5 +20,6 @@ __all__ = [
     "check_state_shardings",
     "describe_state_shardings",
     "init_sharded",
+    "jitted_init",
     "state_shardings",
 ]

@@ -100,3 +100,30 @@ def first_mismatch(state: Any, expected: Any) -> str | None:
                 actual, sharding
             )
     return None
+
+
+def first_shape_mismatch(state: Any, abstract: Any) -> str | None:
+    """The first leaf of ``state`` whose shape differs from ``abstract``'s, in words.
+
+    8-bit codes laid out for other shards than the parameters' have other shapes
+    (:mod:`functional_adam.storage.shard_blocks`): the message says so.
+    """
+    if jax.tree.structure(state) != jax.tree.structure(abstract):
+        return None  # first_mismatch reports the structure
+    entries = jax.tree_util.tree_flatten_with_path(state)[0]
+    for (path, leaf), want in zip(entries, jax.tree.leaves(abstract), strict=True):
+        shape, expected = tuple(getattr(leaf, "shape", ())), tuple(want.shape)
+        if shape != expected:
+            where = f"state{jax.tree_util.keystr(path)}"
+            words = ""
+            if where.endswith((".codes", ".scale")):
+                words = (
+                    " (8-bit blocks laid out per shard: the state was built for parameters "
+                    "split otherwise)"
+                )
+            actual = getattr(leaf, "sharding", None)
+            return (
+                f"{where} has shape {shape} and sharding {actual} where shape {expected} and "
+                f"sharding {want.sharding} were expected{words}"
+            )
+    return None

@@ -5,9 +5,11 @@ Three rules, each a small function so that a layout change touches one place:
 - a leaf with the parameter's shape (a moment, a master copy) gets the
   parameter's sharding, and with ZeRO-1 also the data axis
   (:func:`add_axis_to_first_free_dim`);
-- an 8-bit leaf (codes ``(n_blocks, block_size)`` and scales ``(n_blocks,)``)
-  follows the parameter along its block axis when the blocks line up with the
-  parameter's shards (:func:`block_quantized_shardings`);
+- an 8-bit leaf follows the parameter: shard-major codes
+  ``(S_0, ..., S_{r-1}, n_local_blocks, block_size)`` are sharded on their leading
+  axes as the parameter's dimensions; flat codes ``(n_blocks, block_size)`` along
+  their block axis when the blocks line up with the parameter's shards
+  (:func:`block_quantized_shardings`);
 - everything else (the step count, unmatched leaves) is replicated.
 
 Each rule returns the sharding and a short reason, which
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+from jax.sharding import AxisType, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 
 class LeafSharding(NamedTuple):
@@ -138,9 +140,15 @@ def block_quantized_shardings(
     With ``zero1_axis`` (not used by the parameter), that axis is added after
     the parameter's on the block axis when the number of blocks divides.
 
+    Shard-major codes (rank ``len(param_shape) + 2``, see
+    :mod:`functional_adam.storage.shard_blocks`) take the parameter's partition spec
+    on their leading axes (:func:`shard_major_shardings`).
+
     Returns:
         ``(codes sharding, scale sharding)`` with the same reason.
     """
+    if param_shape and len(codes_shape) == len(param_shape) + 2:
+        return shard_major_shardings(param_sharding, param_shape, codes_shape, zero1_axis)
     replicated = replicated_like(param_sharding)
     n_blocks, block_size = codes_shape
     if not isinstance(param_sharding, NamedSharding):
@@ -167,6 +175,65 @@ def block_quantized_shardings(
     codes = NamedSharding(mesh, PartitionSpec(entry), memory_kind=kind)
     scale = NamedSharding(mesh, PartitionSpec(entry), memory_kind=kind)
     return LeafSharding(codes, reason), LeafSharding(scale, reason)
+
+
+def layout_sharding(
+    sharding: Sharding, shape: tuple[int, ...], zero1_axis: str | None
+) -> LeafSharding:
+    """The sharding a moment of this parameter gets: the parameter's, plus ``zero1_axis``.
+
+    8-bit blocks are laid out per shard of this sharding (its shard counts are the
+    :func:`~functional_adam.layout_hints` that ``init`` gets), so with ZeRO-1 each
+    device also keeps only its part of the 8-bit state.
+    """
+    if zero1_axis is None or not isinstance(sharding, NamedSharding):
+        return LeafSharding(sharding, "")
+    return add_axis_to_first_free_dim(sharding, shape, zero1_axis)
+
+
+def shard_major_shardings(
+    param_sharding: Sharding,
+    param_shape: tuple[int, ...],
+    codes_shape: tuple[int, ...],
+    zero1_axis: str | None,
+) -> tuple[LeafSharding, LeafSharding]:
+    """Shardings of shard-major codes ``(S_0, ..., S_{r-1}, n_local, block_size)`` and scales.
+
+    The leading axes take the spec of the moment's sharding (:func:`layout_sharding`:
+    the parameter's, plus ``zero1_axis`` on the dimension ZeRO-1 chooses), so each
+    device holds the blocks of its own shard. Codes laid out for other shard counts
+    are refused with a ``ValueError`` naming both layouts.
+    """
+    r = len(param_shape)
+    layout = layout_sharding(param_sharding, param_shape, zero1_axis)
+    sharding = layout.sharding
+    spec = padded_spec(sharding, r) if isinstance(sharding, NamedSharding) else [None] * r
+    mesh = getattr(sharding, "mesh", None)
+    counts = tuple(axes_size(mesh, entry) for entry in spec)
+    if counts != tuple(codes_shape[:r]):
+        raise ValueError(
+            f"8-bit blocks laid out for {tuple(codes_shape[:r])} shards (codes {codes_shape}) "
+            f"but the state of this parameter is split into {counts} ({sharding})"
+        )
+    reason = f"8-bit: blocks of each shard of {sharding.spec}"
+    reason += f" ({layout.reason})" if layout.reason else ""
+    # The specs jax.jit gives its computed outputs: full length on Explicit axes,
+    # without trailing Nones on Auto ones (so a step's outputs hit its cache again).
+    codes, scale = [*spec, None, None], [*spec, None]
+    if not all(t == AxisType.Explicit for t in mesh.axis_types):
+        codes, scale = _trimmed(codes), _trimmed(scale)
+    kind = sharding.memory_kind
+    return (
+        LeafSharding(NamedSharding(mesh, PartitionSpec(*codes), memory_kind=kind), reason),
+        LeafSharding(NamedSharding(mesh, PartitionSpec(*scale), memory_kind=kind), reason),
+    )
+
+
+def _trimmed(spec: list[Any]) -> list[Any]:
+    """``spec`` without trailing ``None`` s."""
+    while spec and spec[-1] is None:
+        spec = spec[:-1]
+    return spec
 
 
 def _blocks_follow(

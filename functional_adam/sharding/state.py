@@ -1,11 +1,13 @@
-"""The optimizer state's shardings from the parameters': ``state_shardings``, ``init_sharded``.
+"""The optimizer state's shardings from the parameters': ``state_shardings`` and its reports.
 
 The state of ``tx.init(params)`` is computed abstractly (``jax.eval_shape``)
 and each of its subtrees is matched against the parameters' tree, as
 ``optax.tree_map_params`` does: a subtree with the parameters' structure whose
 leaves have the parameters' shapes (``mu``, ``nu``, the master copies of
 ``with_master_weights``) takes the parameters' shardings, leaf by leaf; 8-bit
-leaves follow :func:`~functional_adam.sharding.rules.block_quantized_shardings`;
+leaves follow :func:`~functional_adam.sharding.rules.block_quantized_shardings`
+(``tx.init`` is traced under :func:`~functional_adam.layout_hints` with the
+parameters' shardings, so 8-bit blocks are laid out per shard);
 everything else (the step count, unmatched leaves) is replicated on the
 parameters' mesh. The rules are in :mod:`functional_adam.sharding.rules`.
 """
@@ -19,8 +21,14 @@ import jax
 from jax.sharding import Sharding
 
 from functional_adam.core.base import GradientTransformation, OptState, Params
+from functional_adam.core.lift import layout_hints
 from functional_adam.sharding import rules
-from functional_adam.sharding.checks import check_axis, check_same_placement, first_mismatch
+from functional_adam.sharding.checks import (
+    check_axis,
+    check_same_placement,
+    first_mismatch,
+    first_shape_mismatch,
+)
 from functional_adam.sharding.rules import LeafSharding
 from functional_adam.storage.flat import FlatState
 
@@ -179,13 +187,31 @@ def _plan(node: Any, target: _Target, zero1_axis: str | None) -> Any:
     return treedef.unflatten([_plan(child, target, zero1_axis) for _, child in leaves])
 
 
+def layout_hints_for(
+    params: Params, zero1_axis: str | None = None, param_shardings: Any = None
+) -> Any:
+    """The :func:`~functional_adam.layout_hints` under which ``tx.init`` gives the state that
+    :func:`state_shardings` places: each moment's sharding (the parameter's, plus
+    ``zero1_axis`` as ZeRO-1 adds it)."""
+    return _hints(_params_target(params, param_shardings), zero1_axis)
+
+
+def _hints(target: _Target, zero1_axis: str | None) -> Any:
+    """The moments' shardings (the parameters', plus ZeRO-1's axis) as
+    :func:`~functional_adam.core.lift.layout_hints`: 8-bit blocks are laid out per shard."""
+    return target.treedef.unflatten(
+        [rules.layout_sharding(p.sharding, p.shape, zero1_axis).sharding for p in target.params]
+    )
+
+
 def _planned(tx: GradientTransformation, params: Params, zero1_axis, param_shardings):
     """``(abstract state, tree of LeafSharding)`` for ``tx.init(params)``."""
     target = _params_target(params, param_shardings)
     if zero1_axis is not None:
         check_axis(zero1_axis, target.params[0].sharding if target.params else None, "zero1_axis")
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    abstract = jax.eval_shape(tx.init, abstract_params)
+    with layout_hints(_hints(target, zero1_axis)):
+        abstract = jax.eval_shape(lambda p: tx.init(p), abstract_params)
     if not target.params:
         return abstract, jax.tree.map(lambda _: None, abstract)
     return abstract, _plan(abstract, target, zero1_axis)
@@ -208,10 +234,13 @@ def state_shardings(
 
     - a leaf in a subtree with the parameters' structure and shapes (moments,
       ``with_master_weights``' master copies) gets its parameter's sharding;
-    - an 8-bit leaf of ``adam_8bit`` (codes ``(n_blocks, block_size)``, scale
-      ``(n_blocks,)``) is sharded along its block axis like the parameter's
-      first axis when the parameter is sharded on its first axis only and each
-      shard holds whole blocks; otherwise it is **replicated**;
+    - an 8-bit leaf of ``adam_8bit`` (and the other 8-bit optimizers) whose moment is
+      split over several shards (the parameter's sharding, plus ``zero1_axis`` as for a
+      float32 moment) is laid out per shard (codes
+      ``(S_0, ..., S_{r-1}, n_local_blocks, block_size)``,
+      :mod:`functional_adam.storage.shard_blocks`) and sharded on its leading axes like
+      that moment. An unsplit one keeps flat codes ``(n_blocks, block_size)``,
+      replicated (over ``zero1_axis`` when its size divides ``n_blocks``);
     - the buffers of :func:`~functional_adam.flatten` are replicated; sharded
       parameters are refused (a buffer holds many leaves, it cannot follow their
       shardings). :class:`~functional_adam.FlatParams` buffers are parameters
@@ -319,47 +348,6 @@ def describe_state_shardings(
     return rows
 
 
-def init_sharded(
-    tx: GradientTransformation,
-    params: Params,
-    *,
-    zero1_axis: str | None = None,
-) -> OptState:
-    """``tx.init(params)`` born with :func:`state_shardings`: never gathered on one device.
-
-    ``jax.jit(tx.init)(params)`` leaves the output sharding to the compiler,
-    which puts the whole state on one device (or replicates it); this runs
-    ``jax.jit(tx.init, out_shardings=state_shardings(tx, params, ...))`` so each
-    device only ever allocates its own shards.
-
-    Args:
-        tx: the transformation.
-        params: the parameters, ``jax.Array`` s placed on their mesh.
-        zero1_axis: as in :func:`state_shardings`.
-
-    Returns:
-        The state, each leaf placed as :func:`state_shardings` says.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> from jax.sharding import NamedSharding, PartitionSpec as P
-        >>> import functional_adam as fa
-        >>> mesh = jax.make_mesh((1,), ("data",))
-        >>> params = jax.device_put({"w": jnp.ones((4, 2))}, NamedSharding(mesh, P("data")))
-        >>> state = fa.init_sharded(fa.adam(1e-3), params)
-        >>> state[0].mu["w"].sharding.spec
-        P('data',)
-    """
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if not isinstance(leaf, jax.Array):
-            raise TypeError(
-                f"init_sharded: params{jax.tree_util.keystr(path)} is {type(leaf).__name__}, "
-                "not a jax.Array; for abstract parameters use abstract_state or state_shardings."
-            )
-    shardings = state_shardings(tx, params, zero1_axis=zero1_axis)
-    return jax.jit(tx.init, out_shardings=shardings)(params)
-
-
 def check_state_shardings(
     tx: GradientTransformation,
     state: OptState,
@@ -378,7 +366,8 @@ def check_state_shardings(
         >>> params = {"w": jnp.ones(3)}
         >>> fa.check_state_shardings(fa.adam(1e-3), fa.adam(1e-3).init(params), params)
     """
-    expected = state_shardings(tx, params, zero1_axis=zero1_axis)
-    mismatch = first_mismatch(state, expected)
+    abstract = abstract_state(tx, params, zero1_axis=zero1_axis)
+    expected = jax.tree.map(lambda x: x.sharding, abstract)
+    mismatch = first_shape_mismatch(state, abstract) or first_mismatch(state, expected)
     if mismatch is not None:
         raise ValueError(f"check_state_shardings: {mismatch}")

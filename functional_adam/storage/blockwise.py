@@ -44,8 +44,9 @@ import jax
 import jax.numpy as jnp
 
 from functional_adam.core.checks import static_int
-from functional_adam.core.lift import PLAIN, LeafStep, Moment
+from functional_adam.core.lift import PLAIN, LeafError, LeafStep, Moment
 from functional_adam.core.numerics import cast, compute_dtype, moment_dtype
+from functional_adam.storage import shard_blocks
 from functional_adam.storage.codec import decode_codes_by_rule, make_codec
 from functional_adam.storage.quantized import (
     BlockQuantized,
@@ -76,7 +77,7 @@ def check_min_size(min_8bit_size: int) -> int:
 
 def _decode(q: BlockQuantized, squared: bool, by_rule: bool = False) -> jax.Array:
     if by_rule:
-        value = decode_codes_by_rule(q.codes, make_codec(not squared)) * q.scale[:, None]
+        value = decode_codes_by_rule(q.codes, make_codec(not squared)) * q.scale[..., None]
         return jnp.square(value) if squared else value
     return decode_second_moment(q) if squared else decode_blocks(q, signed=True)
 
@@ -87,7 +88,8 @@ def encode_moments(moments: tuple, squared: tuple, by_rule: bool = False) -> tup
     So an element whose second moment overflowed (``|g| > 1.8e19`` in float32)
     or whose gradient was not finite saturates in every moment, and its block's
     scales are set by the other elements (see :mod:`~functional_adam.storage.quantized`).
-    The scales of all moments come from one reduction (one pass over the blocks).
+    The scales of all moments come from one reduction (one pass over the blocks),
+    over the last axis (blocks may have leading axes: the shard-major layout).
     """
     # The codes' scales are float32, also for float64 parameters.
     moments = tuple(x.astype(jnp.float32) for x in moments)
@@ -95,9 +97,9 @@ def encode_moments(moments: tuple, squared: tuple, by_rule: bool = False) -> tup
     if by_rule:  # XLA:CPU: plain max and min of materialized blocks (its fast reductions)
         clean = tuple(jnp.where(valid, x, 0.0) for x in moments)
         maxima = tuple(
-            jnp.max(x, axis=1, initial=0.0)
+            jnp.max(x, axis=-1, initial=0.0)
             if sq
-            else jnp.maximum(jnp.max(x, axis=1, initial=0.0), -jnp.min(x, axis=1, initial=0.0))
+            else jnp.maximum(jnp.max(x, axis=-1, initial=0.0), -jnp.min(x, axis=-1, initial=0.0))
             for x, sq in zip(clean, squared, strict=True)
         )
     else:  # |m| for a signed moment, v for a squared one (max sqrt(v) = sqrt(max v)): one pass
@@ -109,7 +111,7 @@ def encode_moments(moments: tuple, squared: tuple, by_rule: bool = False) -> tup
             keys,
             (jnp.float32(0),) * len(keys),
             lambda a, b: tuple(jnp.maximum(x, y) for x, y in zip(a, b, strict=True)),
-            (1,),
+            (keys[0].ndim - 1,),
         )
     out = []
     for x, sq, top in zip(moments, squared, maxima, strict=True):
@@ -172,14 +174,28 @@ class BlockStorage(NamedTuple):
             param.dtype, jnp.floating
         )
 
-    def init(self, param: Any, moment: Moment) -> Any:
+    def init(self, param: Any, moment: Moment, layout: Any = None) -> Any:
+        """Zero codes: shard-major when the parameter is split over several shards.
+
+        The split is read from ``layout`` (a ``Sharding`` or shard counts, from
+        :func:`~functional_adam.core.lift.layout_hints`), else from the parameter itself
+        (a placed ``jax.Array``, or a tracer with Explicit mesh axes); the flat
+        layout otherwise (:mod:`functional_adam.storage.shard_blocks`).
+        """
         if self.quantizes(param):
             if moment.initial != 0:
                 raise ValueError(
                     f"BlockStorage: moment {moment.name!r} starts at {moment.initial}; 8-bit "
                     "blocks start at 0 (use plain storage for this optimizer)."
                 )
-            return zeros(param.shape, self.block_size, signed=not moment.squared)
+            shape = tuple(param.shape)
+            if layout is None:
+                shards = shard_blocks.visible_counts(param)
+            else:
+                shards = shard_blocks.shard_counts(layout, shape)
+            if shards is not None:
+                return shard_blocks.zeros(shape, shards, self.block_size, signed=not moment.squared)
+            return zeros(shape, self.block_size, signed=not moment.squared)
         dtype = moment_dtype(compute_dtype(param.dtype), moment.dtype, squared=moment.squared)
         return jnp.full(param.shape, moment.initial, dtype)
 
@@ -192,6 +208,15 @@ class BlockStorage(NamedTuple):
         # A squared moment is encoded through its square root, a signed one directly; which
         # is which follows from the codes' dtype (uint8: the unsigned map of a squared moment).
         squared = tuple(x.codes.dtype == jnp.uint8 for x in stored)
+        codes_shape = tuple(stored[0].codes.shape)
+        if g.ndim and len(codes_shape) == g.ndim + 2:  # shard-major blocks
+            error = shard_blocks.layout_error(g.shape, codes_shape, codes_shape[-1], g)
+            if error:
+                raise LeafError(error)
+            return _shard_major_step(step, g, stored, scalars, squared)
+        error = shard_blocks.flat_layout_error(g, codes_shape)
+        if error:
+            raise LeafError(error)
         chunked = jax.default_backend() == "cpu" and g.size > _CHUNKED_MIN_SIZE
         return _quantized_step(step, g, stored, scalars, squared, chunked)
 
@@ -215,6 +240,24 @@ def _quantized_step(step, g, stored, scalars, squared, chunked: bool):
         out = _blocks_step(step, flat.reshape(n_blocks, block_size), stored, scalars, squared)
     moments = tuple(
         _decode(q, sq, chunked).reshape(-1)[: g.size].reshape(g.shape)
+        for q, sq in zip(stored, squared, strict=True)
+    )
+    u = step(g, moments, scalars)[0]
+    return cast(u, g.dtype), out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _shard_major_step(step, g, stored, scalars, squared):
+    """:func:`_quantized_step` for shard-major blocks: each shard's blocks on their own.
+
+    All blocks are stepped in one vectorized expression (no chunked loop): XLA
+    partitions it along the leading shard axes, so each device steps its own blocks.
+    """
+    shards = stored[0].codes.shape[: g.ndim]
+    g_blocks = shard_blocks.to_blocks(g, shards, stored[0].codes.shape[-1])
+    out = _blocks_step(step, g_blocks, stored, scalars, squared)
+    moments = tuple(
+        shard_blocks.from_blocks(_decode(q, sq), g.shape)
         for q, sq in zip(stored, squared, strict=True)
     )
     u = step(g, moments, scalars)[0]

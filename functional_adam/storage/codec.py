@@ -288,6 +288,10 @@ def decode_codes(codes: jax.Array, codec: Codec) -> jax.Array:
 
 def _lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
     """``table[index]`` for indices known to be in range (a bare gather: no bounds arithmetic)."""
+    sharding = getattr(jax.typeof(index), "sharding", None)
+    if getattr(sharding, "spec", None) and any(e is not None for e in sharding.spec):
+        # Explicit mesh axes: the look-up of each index stays where the index is.
+        return jnp.asarray(table).at[index].get(mode="promise_in_bounds", out_sharding=sharding)
     dims = jax.lax.GatherDimensionNumbers(
         offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
     )

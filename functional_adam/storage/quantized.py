@@ -55,8 +55,10 @@ class BlockQuantized(NamedTuple):
     The original shape is not stored: the caller knows it (it is the gradient's).
     """
 
-    codes: jax.Array  # int8 (signed map) or uint8 (unsigned map), shape (n_blocks, block_size)
-    scale: jax.Array  # float32, shape (n_blocks,): the absolute maximum of each block
+    # int8 (signed map) or uint8 (unsigned map), shape (n_blocks, block_size); per shard
+    # (S_0, ..., S_{r-1}, n_local_blocks, block_size): functional_adam.storage.shard_blocks
+    codes: jax.Array
+    scale: jax.Array  # float32, the codes' shape without block_size: each block's absolute maximum
 
 
 def check_block_size(block_size: int, name: str = "block_size") -> int:
@@ -167,7 +169,7 @@ def encode_with_scale(
     (the same codes; faster to run on a CPU, slower to compile) instead of the tables.
     """
     codec = make_codec(signed)
-    inverse = jnp.where(scale > 0, 1 / scale, 0.0)[:, None]
+    inverse = jnp.where(scale > 0, 1 / scale, 0.0)[..., None]
     saturated = jnp.where(jnp.isnan(blocks), 0.0, 1.0) if signed else 1.0
     a = jnp.where(valid, jnp.abs(blocks) * inverse, saturated)
     index = (nearest_index_by_rule if by_rule else nearest_index)(a, codec)
@@ -180,7 +182,7 @@ def encode_with_scale(
 
 def decode_blocks(q: BlockQuantized, *, signed: bool) -> jax.Array:
     """The float32 values of ``q``, shaped ``(n_blocks, block_size)`` like its codes."""
-    return decode_codes(q.codes, make_codec(signed)) * q.scale[:, None]
+    return decode_codes(q.codes, make_codec(signed)) * q.scale[..., None]
 
 
 def encode_second_moment(v: jax.Array, valid: jax.Array | None = None) -> BlockQuantized:
