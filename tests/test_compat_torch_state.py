@@ -74,6 +74,13 @@ CASES = {
         {"lr": 1e-3, "amsgrad": True, "weight_decay": 0.1},
     ),
     "adamw_maximize": (torch.optim.AdamW, compat.torch_adamw, {"lr": 1e-2, "maximize": True}),
+    "adamax_l2": (torch.optim.Adamax, compat.torch_adamax, {"lr": 1e-2, "weight_decay": 0.1}),
+    "nadam": (torch.optim.NAdam, compat.torch_nadam, {"lr": 1e-2}),
+    "radamw": (
+        torch.optim.RAdam,
+        compat.torch_radam,
+        {"lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True},
+    ),
 }
 
 
@@ -129,15 +136,44 @@ def test_here_then_torch_equals_torch(case):
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_state_round_trip_is_exact(amsgrad):
+    _assert_round_trip_is_exact(
+        lambda params: torch.optim.Adam(params, lr=1e-2, amsgrad=amsgrad),
+        fa.ScaleByAmsgradState if amsgrad else fa.ScaleByAdamState,
+    )
+
+
+@pytest.mark.parametrize("name", ["Adamax", "NAdam"])
+def test_adamax_and_nadam_states_round_trip_exactly(name):
+    """Adamax's exp_inf becomes nu; NAdam's per-parameter mu_product becomes its one scalar."""
+    kind = fa.ScaleByAdamState if name == "Adamax" else compat.ScaleByTorchNAdamState
+    state = _assert_round_trip_is_exact(lambda p: getattr(torch.optim, name)(p, lr=1e-2), kind)
+    if name == "NAdam":  # Π μ_t over 7 steps, μ_t = 0.9·(1 - 0.5·0.96^(0.004 t))
+        mus = [0.9 * (1 - 0.5 * 0.96 ** (0.004 * t)) for t in range(1, 8)]
+        np.testing.assert_allclose(float(state.mu_product), np.prod(mus), rtol=1e-6)
+
+
+def test_nadam_state_needs_a_nadam_tx():
+    p0, grads = make_data(steps=2)
+    params = [torch.nn.Parameter(torch.tensor(p)) for p in p0]
+    opt = torch.optim.NAdam(params)
+    torch_steps(opt, params, grads)
+    jax_params = params_tree([jnp.asarray(p.detach().numpy()) for p in params])
+    with pytest.raises(ValueError, match=r"mu_product.*compat\.torch_nadam"):
+        compat.from_torch_state(opt.state_dict(), jax_params, compat.torch_adam())
+
+
+def _assert_round_trip_is_exact(make_optimizer, kind):
+    """7 torch steps; from_torch_state copies every moment; to_torch_state gives the torch
+    state back, dtypes and keys included. Returns the converted state."""
     p0, grads = make_data(steps=7)
     params = [torch.nn.Parameter(torch.tensor(p)) for p in p0]
-    opt = torch.optim.Adam(params, lr=1e-2, amsgrad=amsgrad)
+    opt = make_optimizer(params)
     torch_steps(opt, params, grads)
     saved = opt.state_dict()
     jax_params = params_tree([jnp.asarray(p.detach().numpy()) for p in params])
 
     state = compat.from_torch_state(saved, jax_params)
-    assert isinstance(state, fa.ScaleByAmsgradState if amsgrad else fa.ScaleByAdamState)
+    assert type(state) is kind
     assert int(state.count) == 7
     leaves = jax.tree.leaves(state.mu)
     for i, leaf in enumerate(leaves):
@@ -150,6 +186,7 @@ def test_state_round_trip_is_exact(amsgrad):
         for key, value in entry.items():
             assert back["state"][i][key].dtype == value.dtype, key
             np.testing.assert_array_equal(back["state"][i][key].numpy(), value.numpy())
+    return state
 
 
 def test_from_torch_state_sets_schedule_counters():

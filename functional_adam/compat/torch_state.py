@@ -1,7 +1,9 @@
-r"""Convert Adam states between ``torch.optim.Adam``/``AdamW`` and functional_adam.
+r"""Convert Adam states between ``torch.optim.Adam``/``AdamW``/``Adamax``/``NAdam``/``RAdam``
+and functional_adam.
 
 A run can stop in PyTorch and go on here with :func:`~functional_adam.compat.torch_adam`
-(or ``torch_adamw``), and back, on the same trajectory.
+(or ``torch_adamw``, ``torch_adamax``, ``torch_nadam``, ``torch_radam``), and back, on
+the same trajectory.
 
 **Order.** PyTorch numbers its parameters 0, 1, ... in the order of its
 ``param_groups`` (for one group: the order of ``model.parameters()``).
@@ -10,8 +12,9 @@ dict keys, so build ``params`` as a list (or with keys that sort in PyTorch's
 order) and keep torch's shapes (a ``Linear`` weight is ``(out, in)``).
 
 **Fields.** ``exp_avg ↔ mu``, ``exp_avg_sq ↔ nu``, ``max_exp_avg_sq ↔ nu_max``
-(the maximum over the raw second moment: the PyTorch convention), and
-``step ↔ count``. PyTorch keeps a step per parameter; here there is one count,
+(the maximum over the raw second moment: the PyTorch convention), Adamax's
+``exp_inf ↔ nu`` (its infinity norm), NAdam's ``mu_product ↔ mu_product`` (one
+scalar here, one equal scalar per parameter there), and ``step ↔ count``. PyTorch keeps a step per parameter; here there is one count,
 so the steps must agree. Complex parameters are refused: PyTorch's complex
 Adam keeps separate second moments for the real and imaginary parts, and so
 are 8-bit (block-quantized) and flat moments, which hold no float array per
@@ -45,13 +48,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from functional_adam.compat.pytorch_family import scale_by_torch_nadam
 from functional_adam.core.base import GradientTransformation, OptState, Params
 from functional_adam.optimizers.adam import scale_by_adam, scale_by_amsgrad
 from functional_adam.optimizers.adam_8bit import ScaleByAdam8bitState
+from functional_adam.optimizers.adamax import scale_by_adamax
 from functional_adam.storage.flat import FlatState
 
-_ADAM_FIELDS = (("count", "mu", "nu"), ("count", "mu", "nu", "nu_max"))
+_ADAM_FIELDS = (
+    ("count", "mu", "nu"),
+    ("count", "mu", "nu", "nu_max"),
+    ("count", "mu_product", "mu", "nu"),  # PyTorch's NAdam
+)
+_SCALARS = ("count", "mu_product")  # one value for the tree; the other fields hold one per leaf
 _TORCH_KEYS = {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"}
+_ADAMAX_KEYS = _TORCH_KEYS | {"nu": "exp_inf"}
+# Keys of the torch param_groups of Adam/AdamW, RAdam and NAdam; Adamax's have none of them.
+_NOT_ADAMAX = ("amsgrad", "decoupled_weight_decay", "momentum_decay")
+
+
+def _moment_fields(state: Any) -> tuple[str, ...]:
+    return tuple(f for f in state._fields if f not in _SCALARS)
+
+
+def _is_adamax_groups(param_groups: Sequence[Mapping]) -> bool:
+    """Whether ``param_groups`` are ``torch.optim.Adamax``'s (as its ``state_dict()`` gives them)."""
+    return all("betas" in g and not any(k in g for k in _NOT_ADAMAX) for g in param_groups)
 
 
 def _is_adam_state(x: Any) -> bool:
@@ -72,8 +94,8 @@ def _find_adam_state(state: OptState) -> Any:
     found = [x for x in jax.tree.leaves(state, is_leaf=_is_adam_state) if _is_adam_state(x)]
     if len(found) != 1:
         raise ValueError(
-            f"expected exactly one Adam state (a NamedTuple with fields count, mu, nu[, nu_max]) "
-            f"in the optimizer state, found {len(found)}."
+            "expected exactly one Adam state (a NamedTuple with fields count, mu, nu[, nu_max], "
+            f"or count, mu_product, mu, nu) in the optimizer state, found {len(found)}."
         )
     flat = [x for x in jax.tree.leaves(state, is_leaf=_is_flat) if _is_flat(x)]
     for what, refused in [("8-bit", isinstance(found[0], ScaleByAdam8bitState)), ("flat", flat)]:
@@ -199,26 +221,68 @@ def _common_step(entries: list[Mapping | None], named: list[tuple[str, Any]]) ->
     return int(min(next(iter(steps.values())), 2**31 - 1))  # the int32 count saturates
 
 
+def _default_direction(amsgrad: bool, adamax: bool, nadam: bool) -> GradientTransformation:
+    """The direction whose state holds what the torch state holds (no ``tx`` given)."""
+    if nadam:
+        return scale_by_torch_nadam()
+    if adamax:
+        return scale_by_adamax()
+    return scale_by_amsgrad() if amsgrad else scale_by_adam()
+
+
+def _check_kind(template: Any, amsgrad: bool, nadam: bool) -> None:
+    """A ``ValueError`` when ``tx``'s state cannot hold the torch state (amsgrad, NAdam)."""
+    has_max, has_product = "nu_max" in template._fields, "mu_product" in template._fields
+    if has_max != amsgrad:
+        raise ValueError(
+            f"the torch optimizer has amsgrad={amsgrad} but tx's state "
+            f"{'has' if has_max else 'has no'} nu_max: build tx with amsgrad={amsgrad}."
+        )
+    if has_product != nadam:
+        raise ValueError(
+            f"the torch state {'has' if nadam else 'has no'} mu_product (NAdam's) but tx's state "
+            f"{'has' if has_product else 'has no'}: convert a torch.optim.NAdam state with "
+            "compat.torch_nadam, and other states with the matching compat optimizer."
+        )
+
+
+def _common_mu_product(entries: list[Mapping | None], named, dtype) -> jax.Array:
+    """NAdam's ``mu_product``: one value for the tree, so every parameter's must be equal."""
+    values = {
+        name: float(_to_numpy(_read_entry(e, "mu_product", i, name, ())))
+        for i, ((name, _), e) in enumerate(zip(named, entries, strict=True))
+    }
+    if len(set(values.values())) > 1:
+        raise ValueError(
+            f"the torch parameters have different mu_product values ({values}); "
+            "functional_adam keeps one for the tree."
+        )
+    return jnp.asarray(next(iter(values.values())), dtype)
+
+
 def from_torch_state(
     optimizer_state_dict: Mapping[str, Any],
     params: Params,
     tx: GradientTransformation | None = None,
 ) -> OptState:
-    r"""Reads ``torch.optim.Adam``/``AdamW``'s ``state_dict()`` into a functional_adam state.
+    r"""Reads a torch Adam/AdamW/Adamax/NAdam/RAdam ``state_dict()`` into a functional_adam state.
 
     Parameter ``i`` of PyTorch is the ``i``-th leaf of ``jax.tree.leaves(params)``
     (see the module docstring); ``exp_avg, exp_avg_sq, max_exp_avg_sq, step``
     become ``mu, nu, nu_max, count``.
 
     Args:
-        optimizer_state_dict: ``optimizer.state_dict()`` of a torch Adam or AdamW
+        optimizer_state_dict: ``optimizer.state_dict()`` of a torch Adam, AdamW,
+            Adamax (``exp_inf`` becomes ``nu``), NAdam (with ``mu_product``) or RAdam
             (tensors or anything ``numpy.asarray`` reads).
         params: the parameters (arrays or ``jax.ShapeDtypeStruct``), in PyTorch's order.
-        tx: the transformation to continue with, e.g. ``compat.torch_adam(...)``.
+        tx: the transformation to continue with, e.g. ``compat.torch_adam(...)``
+            (``compat.torch_adamax``, ``torch_nadam``, ``torch_radam`` for the others).
             If given, returns ``tx.init(params)`` with its Adam state replaced and
             every other step counter (learning-rate or weight-decay schedule) set
             to the torch step; if ``None``, returns the Adam state alone
-            (:class:`ScaleByAdamState`, or :class:`ScaleByAmsgradState` for amsgrad).
+            (:class:`ScaleByAdamState`, :class:`ScaleByAmsgradState` for amsgrad,
+            ``ScaleByTorchNAdamState`` for NAdam).
 
     Returns:
         The state, moments in the dtypes ``tx.init`` (or the params) give them.
@@ -249,25 +313,26 @@ def from_torch_state(
     ids = _torch_ids(groups, len(named))
     entries = _entries(optimizer_state_dict["state"], ids)
     amsgrad = _torch_amsgrad(groups, entries)
-    full = (tx or (scale_by_amsgrad() if amsgrad else scale_by_adam())).init(params)
+    has = lambda key: any(e is not None and key in e for e in entries)  # noqa: E731
+    adamax, nadam = has("exp_inf") or _is_adamax_groups(groups), has("mu_product")
+    full = (tx or _default_direction(amsgrad, adamax, nadam)).init(params)
     template = _find_adam_state(full)
-    if (len(template) == 4) != amsgrad:
-        raise ValueError(
-            f"the torch optimizer has amsgrad={amsgrad} but tx's state "
-            f"{'has' if len(template) == 4 else 'has no'} nu_max: build tx with amsgrad={amsgrad}."
-        )
+    _check_kind(template, amsgrad, nadam)
     if all(e is None for e in entries):
         return full if tx is not None else template
     step = _common_step(entries, named)
     treedef = jax.tree.structure(params)
+    keys = _ADAMAX_KEYS if adamax else _TORCH_KEYS
     fields = {}
-    for field in template._fields[1:]:
+    for field in _moment_fields(template):
         likes = treedef.flatten_up_to(getattr(template, field))
         arrays = [
-            jnp.asarray(_read_entry(e, _TORCH_KEYS[field], i, name, leaf.shape), like.dtype)
+            jnp.asarray(_read_entry(e, keys[field], i, name, leaf.shape), like.dtype)
             for i, ((name, leaf), e, like) in enumerate(zip(named, entries, likes, strict=True))
         ]
         fields[field] = treedef.unflatten(arrays)
+    if nadam:
+        fields["mu_product"] = _common_mu_product(entries, named, template.mu_product.dtype)
     count = jnp.asarray(step, template.count.dtype)
     adam_state = type(template)(count=count, **fields)
     if tx is None:
@@ -295,7 +360,7 @@ def _to_tensor(array: jax.Array) -> Any:
 def to_torch_state(
     state: OptState, params: Params, param_groups: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
-    r"""Writes a functional_adam Adam state as a ``torch.optim.Adam``/``AdamW`` ``state_dict``.
+    r"""Writes a functional_adam Adam state as a torch Adam/AdamW/Adamax/NAdam/RAdam ``state_dict``.
 
     The inverse of :func:`from_torch_state`: ``mu, nu, nu_max, count`` become
     ``exp_avg, exp_avg_sq, max_exp_avg_sq, step`` of torch parameter ``i`` = the
@@ -308,7 +373,9 @@ def to_torch_state(
         params: the parameters, in PyTorch's order.
         param_groups: ``optimizer.state_dict()["param_groups"]`` of the torch
             optimizer that will load the result; copied into it, since
-            ``load_state_dict`` takes the hyperparameters from there.
+            ``load_state_dict`` takes the hyperparameters from there. Groups of a
+            ``torch.optim.Adamax`` (no ``amsgrad``, ``decoupled_weight_decay`` or
+            ``momentum_decay`` key) get ``exp_inf`` for ``nu``.
 
     Returns:
         ``{"state": {i: {"step", "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}},
@@ -331,7 +398,8 @@ def to_torch_state(
     adam_state = _find_adam_state(state)
     named = _named_leaves(params)
     ids = _torch_ids(param_groups, len(named))
-    amsgrad = len(adam_state) == 4
+    amsgrad = "nu_max" in adam_state._fields
+    keys = _ADAMAX_KEYS if _is_adamax_groups(param_groups) else _TORCH_KEYS
     flags = {bool(g["amsgrad"]) for g in param_groups if "amsgrad" in g}
     if flags and flags != {amsgrad}:
         raise ValueError(
@@ -340,7 +408,7 @@ def to_torch_state(
         )
     treedef = jax.tree.structure(params)
     leaves = {}
-    for field in adam_state._fields[1:]:
+    for field in _moment_fields(adam_state):
         try:
             leaves[field] = treedef.flatten_up_to(getattr(adam_state, field))
         except (ValueError, TypeError) as err:
@@ -364,7 +432,9 @@ def to_torch_state(
             wide = torch.get_default_dtype() == torch.float64 and not fused
             dtype = torch.float64 if wide else torch.float32  # as torch.optim.Adam writes it
             entry = {"step": torch.tensor(float(step), dtype=dtype)}
-            for field in adam_state._fields[1:]:
-                entry[_TORCH_KEYS[field]] = _to_tensor(leaves[field][j])
+            if "mu_product" in adam_state._fields:
+                entry["mu_product"] = torch.tensor(float(adam_state.mu_product), dtype=dtype)
+            for field in _moment_fields(adam_state):
+                entry[keys[field]] = _to_tensor(leaves[field][j])
             torch_state[i] = entry
     return {"state": torch_state, "param_groups": copy.deepcopy(list(param_groups))}
