@@ -35,11 +35,10 @@ def _assert_matches_reference(out, reference, leaves):
 
 
 @pytest.mark.parametrize(
-    "block, sizes",
-    [(256, (1000, 768, 20 * 256 + 7)), (64, (64 * 33 + 5, 64)), (4096, (5000,))],
-    ids=["256", "64", "4096"],
+    "block, sizes, nesterov",
+    [(256, (1000, 768, 20 * 256 + 7), False), (64, (64 * 33 + 5, 64), True), (4096, (5000,), True)],
+    ids=["256", "64-nesterov", "4096-nesterov"],
 )
-@pytest.mark.parametrize("nesterov", [False, True])
 def test_interpreted_kernel_equals_the_reference(block, sizes, nesterov):
     """Several leaves in one launch, partial last blocks and groups, inf/NaN/1e20 gradients."""
     leaves = [_kernel_inputs(block, n, seed=i, bad=i == 0) for i, n in enumerate(sizes)]
