@@ -20,7 +20,13 @@ from tests.test_native_8bit import (
     _kernel_inputs,
     _tree,
 )
-from tests.trees import assert_within_ulps, cuda_module, triton_launches
+from tests.trees import (
+    assert_within_ulps,
+    cuda_module,
+    kernel_and_xla_steps,
+    spy_leaf_counts,
+    triton_launches,
+)
 
 
 def _assert_matches_reference(out, reference, leaves):
@@ -82,17 +88,9 @@ CONFIGS = {
 def on_a_gpu(monkeypatch):
     """update_and_apply as on one GPU, with the Pallas kernel interpreted on this CPU; returns
     the list of the kernel's calls (number of leaves each)."""
-    calls = []
-    step = adam8_gpu.adam8_step
-
-    def spy(scalars, leaves, *args):
-        calls.append(len(leaves))
-        return step(scalars, leaves, *args)
-
     monkeypatch.setattr(fused_adam8, "_where", lambda: "gpu")
     monkeypatch.setattr(adam8_gpu, "INTERPRET", True)
-    monkeypatch.setattr(adam8_gpu, "adam8_step", spy)
-    return calls
+    return spy_leaf_counts(monkeypatch, adam8_gpu, "adam8_step")
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
@@ -100,13 +98,7 @@ def test_update_and_apply_on_a_gpu_equals_the_xla_path(config, on_a_gpu):
     tx = CONFIGS[config]()
     params = _tree()
     state = tx.init(params)
-    kernel = jax.jit(lambda g, s, p: fa.update_and_apply(tx, g, s, p))
-
-    @jax.jit
-    def xla(grads, state, params):
-        updates, state = tx.update(grads, state, params)
-        return fa.apply_updates(params, updates), state
-
+    kernel, xla = kernel_and_xla_steps(tx)
     hlo = kernel.lower(params, state, params).as_text()
     assert on_a_gpu == [2]  # one call of the Pallas kernel for the two 8-bit leaves
     assert "functional_adam_adam" not in hlo  # and none of the CPU kernels

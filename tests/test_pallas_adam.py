@@ -13,7 +13,13 @@ import pytest
 
 import functional_adam as fa
 from functional_adam.kernels import adam_cpu, adam_gpu, fused_adam
-from tests.trees import assert_within_ulps, cuda_module, triton_launches
+from tests.trees import (
+    assert_within_ulps,
+    cuda_module,
+    kernel_and_xla_steps,
+    spy_leaf_counts,
+    triton_launches,
+)
 
 # θ within ULPS of max(|θ|, STEP), STEP bounding lr·|u|: the programs contract multiply-adds
 # into fmas their own ways, and the XLA path divides by the bias corrections where the kernel
@@ -95,19 +101,11 @@ CONFIGS = {
 def on_a_gpu(monkeypatch):
     """update_and_apply as on one GPU with the grouped kernel on, interpreted on this CPU;
     returns the list of the kernel's calls (number of leaves each)."""
-    calls = []
-    step = adam_gpu.adam_step
-
-    def spy(scalars, leaves, *args, **kwargs):
-        calls.append(len(leaves))
-        return step(scalars, leaves, *args, **kwargs)
-
     monkeypatch.setattr(fused_adam, "cpu_kernel_applies", lambda: False)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setenv("FUNCTIONAL_ADAM_GPU_GROUPED", "1")
     monkeypatch.setattr(adam_gpu, "INTERPRET", True)
-    monkeypatch.setattr(adam_gpu, "adam_step", spy)
-    return calls
+    return spy_leaf_counts(monkeypatch, adam_gpu, "adam_step")
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
@@ -115,13 +113,7 @@ def test_update_and_apply_on_a_gpu_equals_the_xla_path(config, on_a_gpu):
     tx = CONFIGS[config]()
     params = _tree()
     state = tx.init(params)
-    kernel = jax.jit(lambda g, s, p: fa.update_and_apply(tx, g, s, p))
-
-    @jax.jit
-    def xla(grads, state, params):
-        updates, state = tx.update(grads, state, params)
-        return fa.apply_updates(params, updates), state
-
+    kernel, xla = kernel_and_xla_steps(tx)
     hlo = kernel.lower(params, state, params).as_text()
     assert on_a_gpu == [5]  # one call with the five array leaves (None has no moments)
     assert "functional_adam_adam" not in hlo  # and none of the CPU kernels

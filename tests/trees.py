@@ -125,3 +125,29 @@ def cuda_module(step, *args) -> str:
 def triton_launches(module: str) -> int:
     """How many Triton kernels a :func:`cuda_module` launches."""
     return module.count(f"custom_call @{TRITON}")
+
+
+def spy_leaf_counts(monkeypatch, module, name: str) -> list[int]:
+    """Replaces the kernel ``module.name(scalars, leaves, ...)`` by a wrapper that records how
+    many leaves each call gets; returns that list."""
+    calls, step = [], getattr(module, name)
+
+    def spy(scalars, leaves, *args, **kwargs):
+        calls.append(len(leaves))
+        return step(scalars, leaves, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def kernel_and_xla_steps(tx):
+    """Jitted ``(grads, state, params) -> (params, state)`` through ``update_and_apply`` and
+    through ``update`` + ``apply_updates`` (the XLA path), to compare."""
+    kernel = jax.jit(lambda g, s, p: fa.update_and_apply(tx, g, s, p))
+
+    @jax.jit
+    def xla(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return fa.apply_updates(params, updates), state
+
+    return kernel, xla
