@@ -13,10 +13,12 @@ then two Markdown tables:
 2. trace + lower + compile seconds of the jitted step for the GPT-2 small tree
    (148 leaves, 124M parameters; no arrays are allocated).
 
-The 8-bit rows: ``update + apply_updates`` (the XLA path), ``update_and_apply``
-(the fused kernel where one applies: C++ on one CPU device, Pallas on a GPU),
-and, for compile time, the XLA path with every leaf in one expression (the form
-accelerators get) or every leaf in chunks (the CPU form for leaves over 4M).
+The 8-bit rows: ``update_and_apply`` and ``update + apply_updates`` (both take the
+fused kernel where one applies: C++ on one CPU device, Pallas on a GPU; ``update``
+writes the update, which ``apply_updates`` adds), the XLA path (``update +
+apply_updates`` inside ``reference_path()``), and, for compile time, the XLA path
+with every leaf in one expression (the form accelerators get) or every leaf in
+chunks (the CPU form for leaves over 4M).
 
     python benchmarks/adam_8bit.py                       # 1e7 parameters, GPT-2 compile
     python benchmarks/adam_8bit.py --size 1e8 --gpt2-steps   # on a GPU: also the GPT-2 step
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import functional_adam as fa
+from functional_adam.kernels.dispatch import reference_path
 from functional_adam.storage import blockwise
 
 WARMUP = 3
@@ -79,27 +82,38 @@ def chunked_above(size: float | None):
             blockwise._CHUNKED_MIN_SIZE = saved
 
 
-# name: (optimizer, fused?, chunking threshold of the XLA path or None for the default)
-METHODS: dict[str, tuple[Callable[[], fa.GradientTransformation], bool, float | None]] = {
-    "fa.adam, update + apply_updates": (lambda: fa.adam(1e-3), False, None),
-    "fa.adam, update_and_apply": (lambda: fa.adam(1e-3), True, None),
-    "fa.adam_8bit, update + apply_updates": (lambda: fa.adam_8bit(1e-3), False, None),
-    "fa.adam_8bit, update_and_apply": (lambda: fa.adam_8bit(1e-3), True, None),
-    "fa.adamw_8bit, update_and_apply": (lambda: fa.adamw_8bit(1e-3, weight_decay=0.1), True, None),
+# name: (optimizer, how it steps, chunking threshold of the XLA path or None for the default);
+# how: "apply" (update_and_apply), "update" (update + apply_updates), "xla" (the same inside
+# reference_path(): no kernel)
+METHODS: dict[str, tuple[Callable[[], fa.GradientTransformation], str, float | None]] = {
+    "fa.adam, update + apply_updates": (lambda: fa.adam(1e-3), "update", None),
+    "fa.adam, update_and_apply": (lambda: fa.adam(1e-3), "apply", None),
+    "fa.adam_8bit, XLA path (update + apply_updates, reference_path)": (
+        lambda: fa.adam_8bit(1e-3),
+        "xla",
+        None,
+    ),
+    "fa.adam_8bit, update + apply_updates": (lambda: fa.adam_8bit(1e-3), "update", None),
+    "fa.adam_8bit, update_and_apply": (lambda: fa.adam_8bit(1e-3), "apply", None),
+    "fa.adamw_8bit, update_and_apply": (
+        lambda: fa.adamw_8bit(1e-3, weight_decay=0.1),
+        "apply",
+        None,
+    ),
 }
 COMPILE_ONLY = {
     "fa.adam_8bit, XLA path, every leaf one expression": (
         lambda: fa.adam_8bit(1e-3),
-        False,
+        "xla",
         float("inf"),
     ),
-    "fa.adam_8bit, XLA path, every leaf in chunks": (lambda: fa.adam_8bit(1e-3), False, 0),
+    "fa.adam_8bit, XLA path, every leaf in chunks": (lambda: fa.adam_8bit(1e-3), "xla", 0),
 }
 REFERENCE = "fa.adam, update_and_apply"
 
 
-def _step(tx, fused: bool) -> Callable:
-    if fused:
+def _step(tx, how: str) -> Callable:
+    if how == "apply":
         return lambda params, state, grads: fa.update_and_apply(tx, grads, state, params)
 
     def step(params, state, grads):
@@ -109,16 +123,23 @@ def _step(tx, fused: bool) -> Callable:
     return step
 
 
+@contextlib.contextmanager
+def tracing(how: str, threshold: float | None):
+    """Where a method's step is traced: the XLA path's chunking, and no kernel for "xla"."""
+    with chunked_above(threshold), reference_path() if how == "xla" else contextlib.nullcontext():
+        yield
+
+
 def _arrays(shapes: list[tuple[int, ...]], seed: int) -> list[jax.Array]:
     key = jax.random.key(seed)
     return [0.02 * jax.random.normal(jax.random.fold_in(key, i), s) for i, s in enumerate(shapes)]
 
 
 def runner(method: str, shapes: list[tuple[int, ...]]) -> Callable[[], None]:
-    make, fused, threshold = METHODS[method]
+    make, how, threshold = METHODS[method]
     tx = make()
     params, grads = _arrays(shapes, 0), _arrays(shapes, 1)
-    jitted = jax.jit(_step(tx, fused), donate_argnums=(0, 1))
+    jitted = jax.jit(_step(tx, how), donate_argnums=(0, 1))
     box = [params, tx.init(params)]
 
     def run():
@@ -126,7 +147,7 @@ def runner(method: str, shapes: list[tuple[int, ...]]) -> Callable[[], None]:
             box[0], box[1] = jitted(box[0], box[1], grads)
         jax.block_until_ready(box[0])
 
-    with chunked_above(threshold):
+    with tracing(how, threshold):
         run()
     return run
 
@@ -158,14 +179,14 @@ def add_bandwidth_gbps(n: int, repeats: int = 20) -> float:
     return 12 * n / statistics.median(times) / 1e9
 
 
-def compile_seconds(make, fused: bool, threshold: float | None) -> float:
+def compile_seconds(make, how: str, threshold: float | None) -> float:
     """Trace, lower and compile the jitted, donated step for the GPT-2 small tree."""
     tx = make()
     params = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in gpt2_small_shapes().items()}
     state = jax.eval_shape(tx.init, params)
-    with chunked_above(threshold):
+    with tracing(how, threshold):
         t = time.perf_counter()
-        jax.jit(_step(tx, fused), donate_argnums=(0, 1)).lower(params, state, params).compile()
+        jax.jit(_step(tx, how), donate_argnums=(0, 1)).lower(params, state, params).compile()
         return time.perf_counter() - t
 
 
@@ -177,8 +198,9 @@ def check_fused_against_xla(steps: int = 5) -> str:
     shapes = [(768, 768), (50257 * 3,), (768,)]
     params = _arrays(shapes, 2)
     state = tx.init(params)
-    fused = jax.jit(_step(tx, True))
-    xla = jax.jit(_step(tx, False))
+    fused = jax.jit(_step(tx, "apply"))
+    with reference_path():
+        xla = jax.jit(_step(tx, "xla")).lower(params, state, params).compile()
     differ, total, ulps = 0, 0, 0.0
     for t in range(steps):
         grads = [g * 10.0 ** (t - 2) for g in _arrays(shapes, 10 + t)]
@@ -243,13 +265,13 @@ def main(argv: list[str] | None = None) -> None:
         print()
     if args.no_compile:
         return
-    compile_seconds(lambda: fa.adam(1e-3), False, None)  # one-time costs of a first compile
+    compile_seconds(lambda: fa.adam(1e-3), "update", None)  # one-time costs of a first compile
     print("| GPT-2 small tree (148 leaves, 124M) | trace + lower + compile, s |")
     print("|---|---:|")
-    for name, (make, fused, threshold) in (METHODS | COMPILE_ONLY).items():
+    for name, (make, how, threshold) in (METHODS | COMPILE_ONLY).items():
         if name.startswith("fa.adamw"):
             continue
-        print(f"| {name} | {compile_seconds(make, fused, threshold):.2f} |")
+        print(f"| {name} | {compile_seconds(make, how, threshold):.2f} |")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ an invalid one saturates (±inf and overflowing values to their sign's largest c
 in a signed moment and to the block maximum in a squared one).
 """
 
+import contextlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 import functional_adam as fa
+from functional_adam.kernels.dispatch import reference_path
 from functional_adam.storage import quantized as qz
 
 BLOCK = 256
@@ -65,8 +68,9 @@ def test_valid_mask_excludes_finite_values_from_the_scale():
     np.testing.assert_allclose(qz.decode_blocks(q, signed=True)[0, 0], 0.5)  # saturated
 
 
-def _trajectory(name, bad, steps=50, n=4096, at=3):
-    """``steps`` Adam steps on f(p) = |p|²; the first gradient has ``bad`` at index ``at``."""
+def _trajectory(name, bad, steps=50, n=4096, at=3, reference=False):
+    """``steps`` Adam steps on f(p) = |p|²; the first gradient has ``bad`` at index ``at``.
+    ``reference``: the XLA path (else a plain update takes the kernel where one applies)."""
     tx = getattr(fa, name)(1e-3)
     p0 = jnp.linspace(-1.0, 1.0, n)
 
@@ -76,16 +80,18 @@ def _trajectory(name, bad, steps=50, n=4096, at=3):
         return fa.apply_updates(p, u), s
 
     p, s = p0, tx.init(p0)
-    for t in range(steps):
-        g = 2 * p
-        p, s = step(p, s, g.at[at].set(bad) if t == 0 else g)
+    with reference_path() if reference else contextlib.nullcontext():
+        for t in range(steps):
+            g = 2 * p
+            p, s = step(p, s, g.at[at].set(bad) if t == 0 else g)
     return np.asarray(p0), np.asarray(p), s
 
 
+@pytest.mark.parametrize("reference", [False, True], ids=["kernel", "xla"])
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, 1e20, -1e20])
-def test_one_bad_gradient_does_not_spoil_its_block(bad):
+def test_one_bad_gradient_does_not_spoil_its_block(bad, reference):
     """Before: inf turned the whole block to NaN; 1e20 froze it (each moved ~lr in 50 steps)."""
-    p0, p8, state = _trajectory("adam_8bit", bad)
+    p0, p8, state = _trajectory("adam_8bit", bad, reference=reference)
     _, p32, _ = _trajectory("adam", bad)
     others = np.arange(BLOCK) != 3  # the rest of the first block
     assert np.all(np.isfinite(p8[:BLOCK][others]))

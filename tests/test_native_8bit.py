@@ -11,9 +11,10 @@ import pytest
 
 import functional_adam as fa
 from functional_adam.kernels import adam8_cpu, build
+from functional_adam.kernels.dispatch import reference_path
 from functional_adam.storage import quantized as qz
 from functional_adam.storage.codec import index_rule, make_codec
-from tests.trees import assert_within_ulps
+from tests.trees import assert_within_ulps, kernel_and_xla_steps, plain_update_step
 
 TARGET = "functional_adam_adam8_f32"
 
@@ -73,15 +74,6 @@ CONFIGS = {
 }
 
 
-def _steps(tx):
-    def xla(grads, state, params):
-        updates, state = tx.update(grads, state, params)
-        return fa.apply_updates(params, updates), state
-
-    kernel = jax.jit(lambda g, s, p: fa.update_and_apply(tx, g, s, p))
-    return kernel, jax.jit(xla)
-
-
 # Before the 8-bit step, XLA may fold the clipping factor into the moment update of its own
 # path (a different rounding of m and v in the last bit): there the scales may differ too.
 ROUNDS_DIFFERENTLY = {"chain_clip_inject"}
@@ -107,29 +99,66 @@ def _assert_states_match(s_k, s_x, exact_scales: bool) -> int:
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_kernel_equals_xla_path_step_by_step(config):
-    """Codes and scales bitwise; θ within a few ulps; also with inf, NaN and 1e20 gradients."""
+    """Codes and scales bitwise; θ within a few ulps; also with inf, NaN and 1e20 gradients.
+    Both kernel steps: ``update_and_apply``, and the plain ``update`` (which writes the
+    update over the gradient) + ``apply_updates``."""
     tx = CONFIGS[config]()
     params = _tree()
     state = tx.init(params)
-    kernel, xla = _steps(tx)
-    assert kernel.lower(params, state, params).as_text().count(TARGET) >= 1
+    kernel, xla = kernel_and_xla_steps(tx)
+    update = plain_update_step(tx)
+    for step in (kernel, update):
+        assert step.lower(params, state, params).as_text().count(TARGET) >= 1
     differ = 0
     for t, bad in enumerate([None, None, np.inf, None, np.nan, 1e20, None]):
         grads = _grads(params, t, bad)
-        (p_k, s_k), (p_x, s_x) = kernel(grads, state, params), xla(grads, state, params)
-        differ += _assert_states_match(s_k, s_x, config not in ROUNDS_DIFFERENTLY)
-        finite, expected, before = (
-            [jnp.where(jnp.isfinite(p), p, 0.0) for p in jax.tree.leaves(tree)]
-            for tree in (p_k, p_x, params)
-        )
-        for k, x, b in zip(finite, expected, before, strict=True):
-            assert_within_ulps(k, x, ULPS, scale_floor=np.abs(np.asarray(b)))
-        # The non-finite gradients' parameters are non-finite in both (as in float32 Adam).
-        chex.assert_trees_all_equal(
-            jax.tree.map(jnp.isfinite, p_k), jax.tree.map(jnp.isfinite, p_x)
-        )
+        p_x, s_x = xla(grads, state, params)
+        for p_k, s_k in (kernel(grads, state, params), update(grads, state, params)):
+            differ += _assert_states_match(s_k, s_x, config not in ROUNDS_DIFFERENTLY)
+            finite, expected, before = (
+                [jnp.where(jnp.isfinite(p), p, 0.0) for p in jax.tree.leaves(tree)]
+                for tree in (p_k, p_x, params)
+            )
+            for k, x, b in zip(finite, expected, before, strict=True):
+                assert_within_ulps(k, x, ULPS, scale_floor=np.abs(np.asarray(b)))
+            # The non-finite gradients' parameters are non-finite in both (as in float32 Adam).
+            chex.assert_trees_all_equal(
+                jax.tree.map(jnp.isfinite, p_k), jax.tree.map(jnp.isfinite, p_x)
+            )
         params, state = p_x, s_x
-    assert differ <= 0.001 * 7 * 2 * 14592  # codes over 7 steps: rare last-bit ties
+    assert differ <= 0.001 * 7 * 2 * 2 * 14592  # codes over 7 steps, 2 paths: rare ties
+
+
+def test_plain_update_writes_over_the_gradient_and_keeps_a_gradient_still_needed():
+    """``tx.update``'s kernel writes the update into the gradient's buffer: with the gradient
+    donated, no new parameter-sized buffer and no copy; where the gradient is used after the
+    update, XLA copies it first and it is returned unchanged. The update itself equals the
+    XLA path's within a few ulps of lr·max(1, wd·|θ|)."""
+    tx = fa.adamw_8bit(1e-2, weight_decay=0.1)
+    params = _tree()
+    params.pop("none")
+    state, grads = tx.init(params), _grads(params, 1)
+
+    def update(g, s, p):
+        return tx.update(g, s, p)
+
+    donated = jax.jit(update, donate_argnums=0).lower(grads, state, params).compile().as_text()
+    entry = donated[donated.index("ENTRY") :]
+    (call,) = [line for line in entry.splitlines() if f'custom_call_target="{TARGET}"' in line]
+    assert "{0}: (3, {})" in call  # the first leaf's update over its gradient, operand 3
+    assert not [
+        line
+        for line in entry.splitlines()
+        if ("copy(" in line or " fusion(" in line) and ("64,100" in line or "8192" in line)
+    ]
+    u_k, _ = jax.jit(update)(grads, state, params)
+    with reference_path():
+        u_x, _ = jax.jit(lambda g, s, p: update(g, s, p))(grads, state, params)
+    floor = jax.tree.map(lambda p: 1e-2 * np.maximum(1.0, 0.1 * np.abs(np.asarray(p))), params)
+    for k, x, f in zip(*(jax.tree.leaves(t) for t in (u_k, u_x, floor)), strict=True):
+        assert_within_ulps(k, x, 4, scale_floor=f)
+    kept = jax.jit(lambda g, s, p: (update(g, s, p), g))(grads, state, params)[1]
+    chex.assert_trees_all_equal(kept, grads)
 
 
 def _kernel_inputs(block, size, seed=0, bad=True):
@@ -235,7 +264,7 @@ def test_what_the_kernel_does_not_take_goes_the_xla_way(make, params):
     tx = make()
     state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
-    kernel, xla = _steps(tx)
+    kernel, xla = kernel_and_xla_steps(tx)
     assert TARGET not in kernel.lower(grads, state, params).as_text()
     chex.assert_trees_all_equal(kernel(grads, state, params), xla(grads, state, params))
 
@@ -275,21 +304,25 @@ def test_hypergradient_and_vmap_through_the_kernel():
                 params = fa.apply_updates(params, updates)
         return jnp.sum(params**2)
 
-    assert TARGET in jax.jit(final_loss, static_argnums=1).lower(0.1, True).as_text()
-    kernel_grad = jax.jit(jax.grad(final_loss), static_argnums=1)(0.1, True)
-    np.testing.assert_allclose(kernel_grad, jax.grad(final_loss)(0.1, False), rtol=1e-5)
-    lrs = jnp.array([0.01, 0.1, 0.3])
-    np.testing.assert_allclose(
-        jax.vmap(lambda lr: final_loss(lr, True))(lrs),
-        jax.vmap(lambda lr: final_loss(lr, False))(lrs),
-        rtol=1e-6,
-    )
+    def grad_and_batch(fused):  # jitted (new functions: no trace is shared between the calls)
+        lrs = jnp.array([0.01, 0.1, 0.3])
+        grad = jax.jit(jax.grad(final_loss), static_argnums=1)(0.1, fused)
+        return grad, jax.jit(jax.vmap(lambda lr: final_loss(lr, fused)))(lrs)
+
+    for fused in (True, False):  # update_and_apply's kernel, then the plain update's
+        assert TARGET in jax.jit(final_loss, static_argnums=1).lower(0.1, fused).as_text()
+    with reference_path():
+        xla_grad, xla_batch = grad_and_batch(False)
+    for fused in (True, False):
+        grad, batch = grad_and_batch(fused)
+        np.testing.assert_allclose(grad, xla_grad, rtol=1e-5)
+        np.testing.assert_allclose(batch, xla_batch, rtol=1e-6)
 
 
 def test_trajectories_stay_together_and_descend():
     tx = fa.adamw_8bit(1e-2, weight_decay=0.1, min_8bit_size=1000)
     params = {"w": jnp.linspace(-3.0, 3.0, 5000).reshape(50, 100), "b": jnp.ones(7)}
-    kernel, xla = _steps(tx)
+    kernel, xla = kernel_and_xla_steps(tx)
     (p_k, s_k), (p_x, s_x) = (params, tx.init(params)), (params, tx.init(params))
     for _ in range(200):
         p_k, s_k = kernel(jax.tree.map(lambda p: 2 * p, p_k), s_k, p_k)

@@ -24,6 +24,7 @@ from tests.trees import (
     assert_within_ulps,
     cuda_module,
     kernel_and_xla_steps,
+    plain_update_step,
     spy_leaf_counts,
     triton_launches,
 )
@@ -65,12 +66,14 @@ def test_leaves_go_in_few_launches_and_lower_to_triton_for_cuda(monkeypatch):
     leaves.append(_kernel_inputs(64, 100, seed=3))
     decay = (False, True, False, True)
 
-    def step(scalars, leaves):
-        return adam8_gpu.adam8_step(scalars, leaves, decay, False, False)
+    for updates in (False, True):  # the new θ, or the update over g (tx.update's kernel)
 
-    module = cuda_module(step, SCALARS, leaves)
-    assert triton_launches(module) == 3
-    assert "num_warps = 4" in module
+        def step(scalars, leaves, updates=updates):
+            return adam8_gpu.adam8_step(scalars, leaves, decay, False, False, updates)
+
+        module = cuda_module(step, SCALARS, leaves)
+        assert triton_launches(module) == 3
+        assert "num_warps = 4" in module
 
 
 CONFIGS = {
@@ -99,22 +102,24 @@ def test_update_and_apply_on_a_gpu_equals_the_xla_path(config, on_a_gpu):
     params = _tree()
     state = tx.init(params)
     kernel, xla = kernel_and_xla_steps(tx)
-    hlo = kernel.lower(params, state, params).as_text()
-    assert on_a_gpu == [2]  # one call of the Pallas kernel for the two 8-bit leaves
-    assert "functional_adam_adam" not in hlo  # and none of the CPU kernels
+    update = plain_update_step(tx)  # the plain update takes the kernel too (the update over g)
+    hlos = [step.lower(params, state, params).as_text() for step in (kernel, update)]
+    assert on_a_gpu == [2, 2]  # one call of the Pallas kernel for the two 8-bit leaves, each
+    assert not any("functional_adam_adam" in hlo for hlo in hlos)  # and none of the CPU kernels
     differ = 0
     for t, bad in enumerate([None, np.inf, None, 1e20]):
         grads = _grads(params, t, bad)
-        (p_k, s_k), (p_x, s_x) = kernel(grads, state, params), xla(grads, state, params)
-        # Each program contracts (1 - b1)·g + b1·m into an fma its own way: the last bit of a
-        # moment, so of a scale, may differ, and a code on a bin edge with it.
-        differ += _assert_states_match(s_k, s_x, False)
-        for k, x, b in zip(*(jax.tree.leaves(t) for t in (p_k, p_x, params)), strict=True):
-            finite = jnp.isfinite(x)
-            np.testing.assert_array_equal(jnp.isfinite(k), finite)
-            assert_within_ulps(
-                k[finite], x[finite], ULPS, scale_floor=np.abs(np.asarray(b)[finite])
-            )
+        p_x, s_x = xla(grads, state, params)
+        for p_k, s_k in (kernel(grads, state, params), update(grads, state, params)):
+            # Each program contracts (1 - b1)·g + b1·m into an fma its own way: the last bit
+            # of a moment, so of a scale, may differ, and a code on a bin edge with it.
+            differ += _assert_states_match(s_k, s_x, False)
+            for k, x, b in zip(*(jax.tree.leaves(t) for t in (p_k, p_x, params)), strict=True):
+                finite = jnp.isfinite(x)
+                np.testing.assert_array_equal(jnp.isfinite(k), finite)
+                assert_within_ulps(
+                    k[finite], x[finite], ULPS, scale_floor=np.abs(np.asarray(b)[finite])
+                )
         params, state = p_x, s_x
     chex.assert_trees_all_equal_structs(s_k, s_x)
-    assert differ <= 0.001 * 4 * 2 * 14592
+    assert differ <= 0.001 * 4 * 2 * 2 * 14592

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import functional_adam as fa
+from functional_adam.kernels.dispatch import reference_path
 
 
 def mixed_tree(dtype) -> dict:
@@ -140,14 +141,26 @@ def spy_leaf_counts(monkeypatch, module, name: str) -> list[int]:
     return calls
 
 
-def kernel_and_xla_steps(tx):
-    """Jitted ``(grads, state, params) -> (params, state)`` through ``update_and_apply`` and
-    through ``update`` + ``apply_updates`` (the XLA path), to compare."""
-    kernel = jax.jit(lambda g, s, p: fa.update_and_apply(tx, g, s, p))
+def plain_update_step(tx):
+    """Jitted ``(grads, state, params) -> (params, state)`` through ``update`` + ``apply_updates``
+    (a fusable transformation's ``fused_updates`` kernel, where it has one)."""
 
-    @jax.jit
-    def xla(grads, state, params):
+    def step(grads, state, params):
         updates, state = tx.update(grads, state, params)
         return fa.apply_updates(params, updates), state
+
+    return jax.jit(step)
+
+
+def kernel_and_xla_steps(tx):
+    """Jitted ``(grads, state, params) -> (params, state)`` through ``update_and_apply`` and
+    through ``update`` + ``apply_updates`` inside ``reference_path()`` (the XLA path), to
+    compare. The second traces, and runs, inside ``reference_path()``."""
+    kernel = jax.jit(lambda g, s, p: fa.update_and_apply(tx, g, s, p))
+    jitted = plain_update_step(tx)
+
+    def xla(*args):
+        with reference_path():
+            return jitted(*args)
 
     return kernel, xla

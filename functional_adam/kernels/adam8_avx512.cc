@@ -113,10 +113,16 @@ inline void MomentsV(const Params& s, const MapV& mm, const MapV& vm, const Leaf
   m_max = _mm512_max_epu32(m_max, abs_m);
   v_max = _mm512_max_epu32(v_max, _mm512_castps_si512(v));
   if (kMasked && !real) return;
-  const __m512 p = kMasked ? _mm512_maskz_loadu_ps(real, x.p_in + at) : _mm512_loadu_ps(x.p_in + at);
   __m512 u = _mm512_div_ps(MHatV<kNesterov>(s, g, m), DenominatorV(s, v));
-  if (x.decay) u = _mm512_fmadd_ps(_mm512_set1_ps(s.wd), p, u);
-  const __m512 p_new = _mm512_fmadd_ps(_mm512_set1_ps(s.neg_lr), u, p);
+  __m512 p_new;
+  if (x.updates && !x.decay) {  // the update alone: θ is not read
+    p_new = _mm512_mul_ps(_mm512_set1_ps(s.neg_lr), u);
+  } else {
+    const __m512 p = kMasked ? _mm512_maskz_loadu_ps(real, x.p_in + at) : _mm512_loadu_ps(x.p_in + at);
+    if (x.decay) u = _mm512_fmadd_ps(_mm512_set1_ps(s.wd), p, u);
+    p_new = x.updates ? _mm512_mul_ps(_mm512_set1_ps(s.neg_lr), u)
+                      : _mm512_fmadd_ps(_mm512_set1_ps(s.neg_lr), u, p);
+  }
   if (kMasked) {
     _mm512_mask_storeu_ps(x.p + at, real, p_new);
   } else {
@@ -205,8 +211,7 @@ void BlocksVector(const Params& s, const MapV& mm, const MapV& vm, const Map& m_
       Sweeps<kNesterov, false>(s, mm, vm, x, b, M, V, before, &m_max, &v_max);
     }
     pending = m_max <= FLT_MAX && v_max <= FLT_MAX;
-    if (!pending) [[unlikely]] {
-      MomentsScalar<kNesterov>(s, m_map, v_map, x, b, false, M, V);
+    if (!pending) [[unlikely]] {  // M and V are the scalar code's (g may be gone: `updates`)
       EncodeScalar(m_map, v_map, x, b, M, V);
       continue;
     }

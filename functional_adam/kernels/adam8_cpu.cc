@@ -16,7 +16,10 @@
 // Fused multiply-adds are placed where XLA:CPU places them in the jax.numpy path, so the
 // moments and the codes equal that path's; θ differs from it by an ulp or two where XLA
 // divides by the bias corrections and this kernel multiplies by their reciprocals.
-// Everything is updated in place (the Python side aliases each result to its operand).
+// Everything is updated in place (the Python side aliases each result to its operand),
+// except with `updates`: then the first result of a leaf is the update -lr (...) itself
+// (the form of GradientTransformation.update), written over g (each element's g is read
+// just before its update is written, and never again), and θ is read only for the decay.
 // Blocks are shared out in chunks over all leaves together on XLA's intra-op thread pool.
 // The AVX-512 code (adam8_avx512.cc) encodes each block while it computes the next one's
 // moments, so that the square roots and divisions of the one overlap the table look-ups of
@@ -108,6 +111,7 @@ struct Leaf {
   int64_t size;
   int64_t block;
   bool decay;
+  bool updates;  // write the update -lr·(u [+ wd θ]) into p instead of the new θ (no alias)
 };
 
 // ---- scalar codec and step: the reference, and the path for machines without AVX-512 ----
@@ -150,11 +154,11 @@ inline float MHat(const Params& s, float g, float m) {
   return m * s.inv_bc1;
 }
 
-// The new moments of block b into M and V (the final block's padding: g = 0) and, if
-// `theta`, the new θ of the block's elements.
+// The new moments of block b into M and V (the final block's padding: g = 0), and the new θ
+// (or, with `updates`, the update) of the block's elements.
 template <bool kNesterov>
 void MomentsScalar(const Params& s, const Map& mm, const Map& vm, const Leaf& x, int64_t b,
-                   bool theta, float* M, float* V) {
+                   float* M, float* V) {
   const int64_t start = b * x.block, count = std::min(x.block, x.size - start);
   const float sm = x.ms_in[b], sv = x.vs_in[b];
   for (int64_t i = 0; i < x.block; ++i) {
@@ -165,11 +169,11 @@ void MomentsScalar(const Params& s, const Map& mm, const Map& vm, const Leaf& x,
     const float v = std::fma(s.omb2, g * g, s.b2 * (t * t));
     M[i] = m;
     V[i] = v;
-    if (theta && i < count) {
-      const float p = x.p_in[start + i];
+    if (i < count) {
+      const float p = x.decay || !x.updates ? x.p_in[start + i] : 0.0f;
       float u = MHat<kNesterov>(s, g, m) / Denominator(s, v);
       if (x.decay) u = std::fma(s.wd, p, u);
-      x.p[start + i] = std::fma(s.neg_lr, u, p);
+      x.p[start + i] = x.updates ? s.neg_lr * u : std::fma(s.neg_lr, u, p);
     }
   }
 }
@@ -208,7 +212,7 @@ void EncodeScalar(const Map& mm, const Map& vm, const Leaf& x, int64_t b, const 
 template <bool kNesterov>
 void BlockScalar(const Params& s, const Map& mm, const Map& vm, const Leaf& x, int64_t b) {
   float M[kMaxBlock], V[kMaxBlock];
-  MomentsScalar<kNesterov>(s, mm, vm, x, b, true, M, V);
+  MomentsScalar<kNesterov>(s, mm, vm, x, b, M, V);
   EncodeScalar(mm, vm, x, b, M, V);
 }
 
@@ -218,7 +222,7 @@ inline void Prefetch(const Leaf& x, int64_t at, int64_t n) {
   const int64_t end = std::min(at + n, x.size);
   for (int64_t k = at; k < end; k += 16) {
     __builtin_prefetch(x.g + k, 0, 3);
-    __builtin_prefetch(x.p_in + k, 1, 3);
+    if (x.decay || !x.updates) __builtin_prefetch(x.p_in + k, 1, 3);
   }
   for (int64_t k = at; k < end; k += 64) {
     __builtin_prefetch(x.m_in + k, 1, 3);
@@ -280,7 +284,7 @@ ffi::Error Invalid(const std::string& what) {
 
 // Checks one leaf's operands (θ, g, m codes, m scales, v codes, v scales) and results.
 ffi::Error ReadLeaf(ffi::RemainingArgs& args, ffi::RemainingRets& rets, size_t k, bool decay,
-                    Leaf* leaf) {
+                    bool updates, Leaf* leaf) {
   constexpr ffi::DataType kTypes[6] = {ffi::F32, ffi::F32, ffi::S8, ffi::F32, ffi::U8, ffi::F32};
   void* in[6];
   int64_t count[6];
@@ -313,14 +317,15 @@ ffi::Error ReadLeaf(ffi::RemainingArgs& args, ffi::RemainingRets& rets, size_t k
            static_cast<float*>(out[0]),        static_cast<int8_t*>(out[1]),
            static_cast<float*>(out[2]),        static_cast<uint8_t*>(out[3]),
            static_cast<float*>(out[4]),        count[0],
-           block,                              decay};
+           block,                              decay,
+           updates};
   return ffi::Error::Success();
 }
 
 ffi::Error Adam8Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 1> scalars,
                      ffi::Buffer<ffi::F32, 1> consts, ffi::RemainingArgs args,
                      ffi::RemainingRets rets, ffi::Span<const int64_t> decay, bool nesterov,
-                     bool simd) {
+                     bool simd, bool updates) {
   const size_t num_leaves = decay.size();
   if (scalars.element_count() != kNumScalars) return Invalid("expected 11 scalars");
   if (consts.element_count() != 2 * kMapSize) return Invalid("expected 320 codec constants");
@@ -337,7 +342,7 @@ ffi::Error Adam8Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 1> scalars,
   int64_t largest = 1;
   for (size_t k = 0; k < num_leaves; ++k) {
     Leaf leaf;
-    if (ffi::Error error = ReadLeaf(args, rets, k, decay[k] != 0, &leaf); error.failure()) {
+    if (ffi::Error error = ReadLeaf(args, rets, k, decay[k] != 0, updates, &leaf); error.failure()) {
       return error;
     }
     work->leaves.push_back(leaf);
@@ -368,7 +373,8 @@ ffi::Error Adam8Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 1> scalars,
       .RemainingRets()                            \
       .Attr<ffi::Span<const int64_t>>("decay")    \
       .Attr<bool>("nesterov")                     \
-      .Attr<bool>("simd")
+      .Attr<bool>("simd")                         \
+      .Attr<bool>("updates")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FunctionalAdam8bitStepF32, Adam8Step, FA8_BIND);
 

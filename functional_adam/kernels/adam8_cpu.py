@@ -82,12 +82,17 @@ def codec_constants() -> np.ndarray:
 
 
 def reference_step(
-    scalars: jax.Array, leaves: Sequence[Leaf8], decay: Sequence[bool], nesterov: bool
+    scalars: jax.Array,
+    leaves: Sequence[Leaf8],
+    decay: Sequence[bool],
+    nesterov: bool,
+    updates: bool = False,
 ) -> list[tuple[jax.Array, BlockQuantized, BlockQuantized]]:
     """The kernel's arithmetic in ``jax.numpy`` (its derivative rule; equal to it within rounding).
 
     Flat and shard-major leaves alike (a shard-major one as the flat blocks of its
-    shard-major order, as the kernel takes it).
+    shard-major order, as the kernel takes it). ``updates``: the first result of each
+    leaf is the update ``-lr·(u [+ wd·θ])`` instead of the new θ.
 
     Example:
         >>> import jax.numpy as jnp
@@ -117,37 +122,42 @@ def reference_step(
         u = m_hat / (jnp.sqrt(v * s.inv_bc2 + s.eps_root) + s.eps)
         if decays:
             u = u + s.wd * p
-        q, mc, ms, vc, vs = back((p + s.neg_lr * u, *mu, *nu))
+        q, mc, ms, vc, vs = back((s.neg_lr * u if updates else p + s.neg_lr * u, *mu, *nu))
         out.append((q, BlockQuantized(mc, ms), BlockQuantized(vc, vs)))
     return out
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
 def adam8_step(
     scalars: jax.Array,
     leaves: Sequence[Leaf8],
     decay: tuple[bool, ...],
     nesterov: bool,
     simd: bool = True,
+    updates: bool = False,
 ) -> list[tuple[jax.Array, BlockQuantized, BlockQuantized]]:
     """Calls the kernel: ``(θ, g, mu, nu)`` per leaf in, ``(θ, mu, nu)`` per leaf out, in place.
 
     ``scalars`` holds :class:`~functional_adam.kernels.adam_cpu.KernelScalars` (float32,
     stacked); θ and g are float32, ``mu``/``nu`` the int8/uint8 blocks of ``adam_8bit``.
     θ and both moments (codes and scales) are aliased to their results. ``simd=False``
-    takes the kernel's scalar code (the one machines without AVX-512 run). Differentiable
+    takes the kernel's scalar code (the one machines without AVX-512 run). ``updates``:
+    the first result of each leaf is the update ``-lr·(u [+ wd·θ])`` (what
+    ``GradientTransformation.update`` returns), written over g (aliased to it; XLA copies
+    g first where it is still needed), and θ is read only for the decay (one device
+    only). Differentiable
     (through :func:`reference_step`) and batchable (one call per batch element).
     """
-    return _call_kernel(scalars, list(leaves), tuple(decay), nesterov, simd)
+    return _call_kernel(scalars, list(leaves), tuple(decay), nesterov, simd, updates)
 
 
 @adam8_step.defjvp
-def _adam8_step_jvp(decay, nesterov, simd, primals, tangents):
+def _adam8_step_jvp(decay, nesterov, simd, updates, primals, tangents):
     del simd
-    return jax.jvp(lambda s, x: reference_step(s, x, decay, nesterov), primals, tangents)
+    return jax.jvp(lambda s, x: reference_step(s, x, decay, nesterov, updates), primals, tangents)
 
 
-def _call_kernel(scalars, leaves, decay, nesterov, simd):
+def _call_kernel(scalars, leaves, decay, nesterov, simd, updates):
     if len(leaves) > LEAVES_PER_CALL:
         return [
             out
@@ -158,6 +168,7 @@ def _call_kernel(scalars, leaves, decay, nesterov, simd):
                 decay[i : i + LEAVES_PER_CALL],
                 nesterov,
                 simd,
+                updates,
             )
         ]
     if not build.available():
@@ -165,30 +176,41 @@ def _call_kernel(scalars, leaves, decay, nesterov, simd):
     flat = [(p, g, *mu, *nu) for p, g, mu, nu in leaves]  # θ, g, m codes, m scales, v ...
     # The scalars, then the codec's tables: one replicated operand (no constant in the call).
     packed = jnp.concatenate([scalars, jnp.asarray(codec_constants())])
+    static = (decay, nesterov, simd, updates)
     if jax.device_count() > 1:  # the arrays may be sharded: one call per device, on its shards
-        out = per_shard.per_shard_call(_any_call, (decay, nesterov, simd), packed, flat, Blocks())
+        if updates:
+            raise ValueError("adam8_step(updates=True) runs on one device")
+        out = per_shard.per_shard_call(_any_call, static, packed, flat, Blocks())
     else:
-        out = _any_call(packed, flat, decay, nesterov, simd)
+        out = _any_call(packed, flat, *static)
     return [(r[0], BlockQuantized(*r[1:3]), BlockQuantized(*r[3:5])) for r in out]
 
 
-def _one_call(packed, leaves, decay, nesterov, simd):
+def _one_call(packed, leaves, decay, nesterov, simd, updates=False):
     """The kernel's ``jax.ffi`` call: ``(θ, g, m codes, m scales, v codes, v scales)`` per leaf
-    in, ``(θ, m codes, m scales, v codes, v scales)`` out; ``packed`` is the scalars, then
-    :func:`codec_constants`."""
+    in, ``(θ or the update, m codes, m scales, v codes, v scales)`` out; ``packed`` is the
+    scalars, then :func:`codec_constants`."""
     n = len(KernelScalars._fields)
     operands = [packed[:n], packed[n:]]
     results, aliases = [], {}
+    # Each result in the buffer of an operand: θ's (the update: g's, which the kernel reads
+    # just before it writes the same element), then the moments'.
+    aliased = ((1 if updates else 0, 0), (2, 1), (3, 2), (4, 3), (5, 4))
     for k, ins in enumerate(leaves):
         operands += ins
         outs = [ins[0], *ins[2:]]  # θ, m codes, m scales, v codes, v scales
         results += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs]
-        first = 2 + 6 * k
-        aliases |= {first + j: 5 * k + i for i, j in enumerate((0, 2, 3, 4, 5))}
+        aliases |= {2 + 6 * k + j: 5 * k + o for j, o in aliased}
     call = jax.ffi.ffi_call(
         TARGET_8BIT, results, input_output_aliases=aliases, vmap_method="sequential"
     )
-    flat = call(*operands, decay=np.asarray(decay, np.int64), nesterov=bool(nesterov), simd=simd)
+    flat = call(
+        *operands,
+        decay=np.asarray(decay, np.int64),
+        nesterov=bool(nesterov),
+        simd=simd,
+        updates=bool(updates),
+    )
     return [tuple(flat[5 * k : 5 * k + 5]) for k in range(len(leaves))]
 
 
@@ -198,12 +220,12 @@ def is_shard_major(shapes) -> bool:
     return len(shapes[0]) > 0 and len(shapes[2]) == len(shapes[0]) + 2
 
 
-def _any_call(packed, leaves, decay, nesterov, simd):
+def _any_call(packed, leaves, decay, nesterov, simd, updates=False):
     """:func:`_one_call` for flat and shard-major leaves: the shard-major ones are called as
     the flat blocks of their arrays in shard-major order (each shard flattened and padded
     to whole blocks; on a device holding one shard's blocks, just a reshape) and put back."""
     flat, undo = zip(*(_as_flat(leaf) for leaf in leaves), strict=True)
-    out = _one_call(packed, list(flat), decay, nesterov, simd)
+    out = _one_call(packed, list(flat), decay, nesterov, simd, updates)
     return [back(result) for back, result in zip(undo, out, strict=True)]
 
 

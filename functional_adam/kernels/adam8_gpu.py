@@ -53,8 +53,11 @@ def _encode(m, v, valid, m_inv, v_inv):
     return km.astype(jnp.int8), kv.astype(jnp.uint8)
 
 
-def _group_step(s: KernelScalars, p, g, m_codes, m_scale, v_codes, v_scale, decay, nesterov):
-    """θ and the new codes and scales of a group of blocks (shapes ``(G, block)`` and ``(G,)``)."""
+def _group_step(
+    s: KernelScalars, p, g, m_codes, m_scale, v_codes, v_scale, decay, nesterov, updates
+):
+    """θ (``updates``: the update) and the new codes and scales of a group of blocks (shapes
+    ``(G, block)`` and ``(G,)``)."""
     md = decode_codes_by_rule(m_codes, make_codec(True)) * m_scale[:, None]
     vd = jnp.square(decode_codes_by_rule(v_codes, make_codec(False)) * v_scale[:, None])
     m = s.one_minus_b1 * g + s.b1 * md
@@ -72,10 +75,11 @@ def _group_step(s: KernelScalars, p, g, m_codes, m_scale, v_codes, v_scale, deca
     u = m_hat / (jnp.sqrt(v * s.inv_bc2 + s.eps_root) + s.eps)
     if decay:
         u = u + s.wd * p
-    return p + s.neg_lr * u, m_codes, m_new_scale, v_codes, v_new_scale
+    first = s.neg_lr * u if updates else p + s.neg_lr * u
+    return first, m_codes, m_new_scale, v_codes, v_new_scale
 
 
-def _kernel(starts, sizes, block, group, decay, nesterov, scalars_ref, *refs):
+def _kernel(starts, sizes, block, group, decay, nesterov, updates, scalars_ref, *refs):
     """Program ``i`` does the ``group`` blocks of the leaf whose programs ``starts`` cover ``i``."""
     n_leaves = len(sizes)
     ins, outs = refs[: 6 * n_leaves], refs[6 * n_leaves :]
@@ -114,14 +118,17 @@ def _kernel(starts, sizes, block, group, decay, nesterov, scalars_ref, *refs):
             index = (first + rows)[:, None] * block + jnp.arange(block)[None, :]
             ok = (index < size).reshape(-1)
             elements = pl.ds(first * block, group * block)
-            p = plt.load(p_ref.at[elements], mask=ok, other=0.0).reshape(group, block)
+            if updates and not decay[k]:  # the update alone: θ is not read
+                p = None
+            else:
+                p = plt.load(p_ref.at[elements], mask=ok, other=0.0).reshape(group, block)
             g = plt.load(g_ref.at[elements], mask=ok, other=0.0).reshape(group, block)
             row_mask = jnp.broadcast_to(row_ok[:, None], (group, block))
             mc = plt.load(mc_ref.at[pl.ds(first, group), :], mask=row_mask, other=0)
             vc = plt.load(vc_ref.at[pl.ds(first, group), :], mask=row_mask, other=0)
             ms = plt.load(ms_ref.at[pl.ds(first, group)], mask=row_ok, other=0.0)
             vs = plt.load(vs_ref.at[pl.ds(first, group)], mask=row_ok, other=0.0)
-            p, mc, ms, vc, vs = _group_step(s, p, g, mc, ms, vc, vs, decay[k], nesterov)
+            p, mc, ms, vc, vs = _group_step(s, p, g, mc, ms, vc, vs, decay[k], nesterov, updates)
             plt.store(p_out.at[elements], p.reshape(-1), mask=ok)
             plt.store(mc_out.at[pl.ds(first, group), :], mc, mask=row_mask)
             plt.store(vc_out.at[pl.ds(first, group), :], vc, mask=row_mask)
@@ -129,7 +136,7 @@ def _kernel(starts, sizes, block, group, decay, nesterov, scalars_ref, *refs):
             plt.store(vs_out.at[pl.ds(first, group)], vs, mask=row_ok)
 
 
-def _call(scalars, leaves, decay, nesterov, interpret):
+def _call(scalars, leaves, decay, nesterov, interpret, updates):
     block = leaves[0][2].codes.shape[1]
     group = max(1, ELEMENTS_PER_PROGRAM // block)
     programs = [pl.cdiv(mu.codes.shape[0], group) for _, _, mu, _ in leaves]
@@ -140,8 +147,9 @@ def _call(scalars, leaves, decay, nesterov, interpret):
         ins = [p.reshape(-1), g.reshape(-1), mu.codes, mu.scale, nu.codes, nu.scale]
         operands += ins
         out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (ins[0], *ins[2:])]
-        aliases |= {1 + 6 * k + j: 5 * k + o for o, j in enumerate((0, 2, 3, 4, 5))}
-    kernel = functools.partial(_kernel, starts, sizes, block, group, decay, nesterov)
+        aliased = ((1 if updates else 0, 0), (2, 1), (3, 2), (4, 3), (5, 4))  # the update over g
+        aliases |= {1 + 6 * k + j: 5 * k + o for j, o in aliased}
+    kernel = functools.partial(_kernel, starts, sizes, block, group, decay, nesterov, updates)
     flat = launch(kernel, operands, out_shape, aliases, starts[-1], "functional_adam_adam8",
                   NUM_WARPS, interpret)  # fmt: skip
     return [
@@ -154,17 +162,19 @@ def _call(scalars, leaves, decay, nesterov, interpret):
     ]
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
 def adam8_step(
     scalars: jax.Array,
     leaves: Sequence[Leaf8],
     decay: tuple[bool, ...],
     nesterov: bool,
     interpret: bool = False,
+    updates: bool = False,
 ) -> list[tuple[jax.Array, BlockQuantized, BlockQuantized]]:
     """:func:`functional_adam.kernels.adam8_cpu.adam8_step` as a Pallas kernel (GPU, or interpreted).
 
     Leaves go in launches of :data:`LEAVES_PER_CALL` leaves with the same block size.
+    ``updates``: the first result of each leaf is the update, as there.
     Differentiable through :func:`~functional_adam.kernels.adam8_cpu.reference_step`.
     """
     out = [None] * len(leaves)
@@ -180,6 +190,7 @@ def adam8_step(
                 tuple(decay[i] for i in part),
                 nesterov,
                 interpret,
+                updates,
             )
             for i, result in zip(part, results, strict=True):
                 out[i] = result
@@ -187,6 +198,6 @@ def adam8_step(
 
 
 @adam8_step.defjvp
-def _adam8_step_jvp(decay, nesterov, interpret, primals, tangents):
+def _adam8_step_jvp(decay, nesterov, interpret, updates, primals, tangents):
     del interpret
-    return jax.jvp(lambda s, x: reference_step(s, x, decay, nesterov), primals, tangents)
+    return jax.jvp(lambda s, x: reference_step(s, x, decay, nesterov, updates), primals, tangents)

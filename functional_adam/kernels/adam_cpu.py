@@ -53,12 +53,14 @@ def reference_step(
     leaves: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]],
     decay: Sequence[bool],
     nesterov: bool,
+    updates: bool = False,
 ) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
     """The kernel's arithmetic in ``jax.numpy``: its derivative rule, equal to it within rounding.
 
     Moments narrower than θ (bfloat16, for the GPU kernel of
     :mod:`functional_adam.kernels.adam_gpu`) are computed in θ's dtype and stored
     as the chain stores them (``saturate``/``store`` of :mod:`functional_adam.core.numerics`).
+    ``updates``: the first result of each leaf is the update ``-lr·(u [+ wd·θ])``, not θ.
 
     Example:
         >>> import jax.numpy as jnp
@@ -70,20 +72,21 @@ def reference_step(
     """
     s = KernelScalars(*scalars)
     return [
-        _reference_leaf(s, *leaf, decays, nesterov)
+        _reference_leaf(s, *leaf, decays, nesterov, updates)
         for leaf, decays in zip(leaves, decay, strict=True)
     ]
 
 
-def _reference_leaf(s: KernelScalars, p, g, m_old, v_old, decays: bool, nesterov: bool):
-    """One leaf's ``(θ, m, v)``, computed in θ's dtype and stored in the moments' own dtypes."""
+def _reference_leaf(s: KernelScalars, p, g, m_old, v_old, decays, nesterov, updates=False):
+    """One leaf's ``(θ, m, v)`` (``updates``: the update for θ), computed in θ's dtype and
+    stored in the moments' own dtypes."""
     g_sq = g * g
     if jnp.finfo(v_old.dtype).bits < jnp.finfo(g.dtype).bits:  # as the chain: keep v finite
         g_sq = saturate(g_sq, v_old.dtype)
     m = s.one_minus_b1 * g + s.b1 * m_old.astype(g.dtype)
     v = s.one_minus_b2 * g_sq + s.b2 * v_old.astype(g.dtype)
-    p = p + s.neg_lr * direction(s, p, g, m, v, decays, nesterov)
-    return p, store(m, m_old), store(v, v_old)
+    step = s.neg_lr * direction(s, p, g, m, v, decays, nesterov)
+    return step if updates else p + step, store(m, m_old), store(v, v_old)
 
 
 def direction(s: KernelScalars, p, g, m, v, decays: bool, nesterov: bool) -> jax.Array:

@@ -14,6 +14,13 @@ later transformation changed the updates, or the parameters handed to the
 fusable one were not the caller's (``with_master_weights``), the updates are
 applied as usual, and under ``jax.jit`` the unused results cost nothing.
 
+A fusable may also carry a kernel for its plain ``update`` (``fused_updates``, which
+returns the updates themselves, as ``GradientTransformation.update`` does): the
+8-bit Adam aliases do, so that ``tx.update`` + ``optax.apply_updates`` (Flax's
+``TrainState.apply_gradients``, an ``optax.chain``) runs their kernel too. Inside
+:func:`reference_path` neither kernel is taken: every step is the transformation's
+own ``jax.numpy`` path, the reference the kernels are tested against.
+
 JAX pairs each donated input with an output of the same shape and dtype *in
 order*, so donate the arguments in the order of the outputs, ``(params,
 opt_state)``: with ``step(grads, opt_state, params)`` the buffer of ``m`` is
@@ -38,7 +45,8 @@ from functional_adam.core.base import (
 )
 
 FusedStep = Callable[..., "tuple[Params, OptState] | None"]
-"""``(grads, state, params) -> (new_params, new_state)``, or ``None`` where it does not apply."""
+"""``(grads, state, params) -> (new_params, new_state)``, or ``None`` where it does not apply.
+(``fused_updates``: ``(updates, new_state)`` of the same form.)"""
 
 
 class _Record(NamedTuple):
@@ -49,9 +57,35 @@ class _Record(NamedTuple):
 
 class _Applying(threading.local):
     records: list[_Record] | None = None
+    reference: bool = False
 
 
 _APPLYING = _Applying()
+
+
+@contextlib.contextmanager
+def reference_path() -> Iterator[None]:
+    """While active, fusable transformations step by their own ``jax.numpy`` path, no kernel.
+
+    It acts where a step is *traced*: create (or first call) the jitted function inside it,
+    since ``jax.jit`` reuses a trace made outside. For comparing a kernel with the reference
+    path, or for results that do not depend on which kernel this machine built.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import functional_adam as fa
+        >>> from functional_adam.kernels.dispatch import reference_path
+        >>> tx, p = fa.adam_8bit(0.1, min_8bit_size=0), jnp.ones(4)
+        >>> with reference_path():
+        ...     u, _ = tx.update(jnp.ones(4), tx.init(p), p)
+        >>> u.round(3).tolist()
+        [-0.1, -0.1, -0.1, -0.1]
+    """
+    outer, _APPLYING.reference = _APPLYING.reference, True
+    try:
+        yield
+    finally:
+        _APPLYING.reference = outer
 
 
 @contextlib.contextmanager
@@ -91,19 +125,29 @@ class Fusable(GradientTransformation):
     __slots__ = ()
 
 
-def fusable(tx: GradientTransformation, fused: FusedStep) -> GradientTransformation:
+def fusable(
+    tx: GradientTransformation, fused: FusedStep, fused_updates: FusedStep | None = None
+) -> GradientTransformation:
     """``tx`` whose ``update`` takes the one-pass ``fused`` step inside :func:`update_and_apply`.
 
-    Outside :func:`update_and_apply` (a plain ``tx.update``) it is ``tx``. The
-    result is a ``GradientTransformation`` (and a :class:`Fusable`), so it goes
-    into ``chain``, ``optax.chain`` or ``optax.inject_hyperparams`` like ``tx``.
+    Outside :func:`update_and_apply` (a plain ``tx.update``) it is ``tx``, or, where
+    given and applicable, ``fused_updates`` (a kernel that returns the updates and the
+    new state). Inside :func:`reference_path`, ``tx`` always. The result is a
+    ``GradientTransformation`` (and a :class:`Fusable`), so it goes into ``chain``,
+    ``optax.chain`` or ``optax.inject_hyperparams`` like ``tx``.
     """
 
     def update(updates: Updates, state: OptState, params: Params | None = None, **extra_args):
         records = _APPLYING.records
         result = None
-        if records is not None and params is not None:
+        if _APPLYING.reference or params is None:
+            pass
+        elif records is not None:
             result = fused(updates, state, params, **extra_args)
+        elif fused_updates is not None:
+            found = fused_updates(updates, state, params, **extra_args)
+            if found is not None:
+                return found
         if result is None:
             return tx.update(updates, state, params, **extra_args)
         new_params, new_state = result

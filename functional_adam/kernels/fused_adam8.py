@@ -102,9 +102,10 @@ def _where() -> str | None:
     return "gpu" if backend == "gpu" else None
 
 
-def _kernel_step(scalars, leaves, flags, nesterov, where):
-    """New ``(θ, mu, nu)`` of every leaf: 8-bit leaves in one kernel, plain ones in another
-    (on a GPU: in ``jax.numpy``, which XLA fuses into one loop per leaf)."""
+def _kernel_step(scalars, leaves, flags, nesterov, where, updates=False):
+    """New ``(θ, mu, nu)`` of every leaf (``updates``: the update instead of θ): 8-bit leaves
+    in one kernel, plain ones in another (on a GPU, and for updates: in ``jax.numpy``,
+    which XLA fuses into one loop per leaf)."""
     out = [None] * len(leaves)
     groups = {True: [], False: []}
     for i, leaf in enumerate(leaves):
@@ -113,8 +114,13 @@ def _kernel_step(scalars, leaves, flags, nesterov, where):
         from functional_adam.kernels import adam8_gpu  # imports Pallas: only where it runs
 
         steps = {
-            True: lambda *args: adam8_gpu.adam8_step(*args, adam8_gpu.INTERPRET),
-            False: adam_cpu.reference_step,
+            True: lambda *args: adam8_gpu.adam8_step(*args, adam8_gpu.INTERPRET, updates),
+            False: lambda *args: adam_cpu.reference_step(*args, updates),
+        }
+    elif updates:
+        steps = {
+            True: lambda *args: adam8_cpu.adam8_step(*args, True, True),
+            False: lambda *args: adam_cpu.reference_step(*args, True),
         }
     else:
         steps = {True: adam8_cpu.adam8_step, False: adam_cpu.adam_step}
@@ -154,7 +160,7 @@ def adam8_chain(
     lr_tx = scale_by_learning_rate(learning_rate)
     tx = chain(direction, *decay, lr_tx)
 
-    def fused(grads, state, params, **extra_args):
+    def fused(grads, state, params, updates=False, **extra_args):
         del extra_args
         if not (isinstance(state, tuple) and len(state) == 2 + len(decay)):
             return None
@@ -162,6 +168,8 @@ def adam8_chain(
         where = _where()
         if not isinstance(adam_state, state_type) or where is None:
             return None
+        if updates and jax.device_count() > 1:
+            return None  # on a mesh, plain updates take the chain (the kernel aliases per shard)
         found = kernel_leaves(grads, adam_state, params)
         if found is None:
             return None
@@ -178,8 +186,11 @@ def adam8_chain(
         if found is None:
             return None  # per-leaf or vector hyperparameters: the chain broadcasts them
         scalars, flags, decay_state, lr_state = found
-        out = _kernel_step(scalars, leaves, flags, nesterov, where)
-        new_params, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
-        return new_params, (state_type(count, mu, nu), *decay_state, lr_state)
+        out = _kernel_step(scalars, leaves, flags, nesterov, where, updates)
+        first, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
+        return first, (state_type(count, mu, nu), *decay_state, lr_state)
 
-    return fusable(tx, fused)
+    def fused_updates(grads, state, params, **extra_args):
+        return fused(grads, state, params, updates=True, **extra_args)
+
+    return fusable(tx, fused, fused_updates)
