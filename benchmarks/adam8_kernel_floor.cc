@@ -7,7 +7,7 @@
 //       benchmarks/adam8_kernel_floor.cc -o /tmp/adam8_floor && /tmp/adam8_floor
 //
 // Runs the kernel's own block loop (functional_adam/kernels/adam8_cpu.cc, Adam without
-// NAdam or decay, blocks of 256) on 32K elements that stay in cache (the arithmetic) and on
+// NAdam or decay, blocks of 256; the dynamic map's codes, then float codes) on 32K elements that stay in cache (the arithmetic) and on
 // 4M elements (arithmetic and DRAM), and the float32 kernel's loop (adam_cpu.cc) likewise.
 // Best of 15 runs, ns per element. AVX-512 code where the compiler targets it.
 #include "../functional_adam/kernels/adam8_cpu.cc"
@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <fstream>
 #include <random>
+#include <type_traits>
 
 namespace float32_kernel {
 #include "../functional_adam/kernels/adam_cpu.cc"
@@ -53,19 +54,26 @@ void Run(int64_t n) {
   const Map mm = ReadMap(consts.data()), vm = ReadMap(consts.data() + kMapSize);
   const Leaf x{p.data(), g.data(), mc.data(), ms.data(), vc.data(), vs.data(), p.data(),
                mc.data(), ms.data(), vc.data(), vs.data(), n, kBlock, false};
-  const double eight = Best([&] {
+  auto eight_bit = [&](auto float_codes) {
+    constexpr bool kFloat = decltype(float_codes)::value;
+    return Best([&] {
 #ifdef FA_AVX512
-    const MapV mv = Vectors(mm, true), vv = Vectors(vm, false);
-    BlocksVector<false>(s, mv, vv, mm, vm, x, 0, blocks);
+      const MapV mv = Vectors(mm, true), vv = Vectors(vm, false);
+      BlocksVector<false, kFloat>(s, mv, vv, mm, vm, x, 0, blocks);
 #else
-    for (int64_t b = 0; b < blocks; ++b) BlockScalar<false>(s, mm, vm, x, b);
+      for (int64_t b = 0; b < blocks; ++b) BlockScalar<false, kFloat>(s, mm, vm, x, b);
 #endif
-  });
+    });
+  };
+  const double eight = eight_bit(std::false_type{}), eight_float = eight_bit(std::true_type{});
   const float32_kernel::Leaf<float> y{p.data(), g.data(), m.data(), v.data(),
                                       p.data(), m.data(), v.data(), false};
   const double f32 = Best([&] { float32_kernel::StepRange<float, false, false>(s32, y, 0, n); });
-  std::printf("%9ld elements: 8-bit %.3f ns/element, float32 %.3f ns/element (%.2fx)\n",
-              static_cast<long>(n), eight / n * 1e9, f32 / n * 1e9, eight / f32);
+  std::printf(
+      "%9ld elements: 8-bit %.3f ns/element (%.2fx), 8-bit float codes %.3f (%.2fx), "
+      "float32 %.3f\n",
+      static_cast<long>(n), eight / n * 1e9, eight / f32, eight_float / n * 1e9,
+      eight_float / f32, f32 / n * 1e9);
 }
 
 }  // namespace

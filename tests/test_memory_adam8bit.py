@@ -153,12 +153,13 @@ def test_first_step_moves_each_coordinate_by_lr():
     chex.assert_trees_all_equal(u, u32)
 
 
-@pytest.mark.parametrize("block_size", [256, 2048])
-def test_trajectory_stays_close_to_float32_adam(block_size):
+@pytest.mark.parametrize("block_size, code", [(256, "dynamic"), (2048, "dynamic"), (256, "float")])
+def test_trajectory_stays_close_to_float32_adam(block_size, code):
     """Measure: |W_8bit - W_fp32| / |W_fp32 - W_0| after 300 Adam steps on least squares."""
     w0, loss = _regression()
     w32 = _train(("adam", 1e-2, ()), w0, None, 300, loss)
-    w8 = _train(("adam_8bit", 1e-2, (("block_size", block_size),)), w0, None, 300, loss)
+    options = (("block_size", block_size), ("code", code))
+    w8 = _train(("adam_8bit", 1e-2, options), w0, None, 300, loss)
     travelled = float(jnp.linalg.norm(w32 - w0))
     assert travelled > 10.0
     distance = float(jnp.linalg.norm(w8 - w32)) / travelled
@@ -279,19 +280,20 @@ def test_the_chunk_loop_copies_no_whole_buffer_per_iteration():
             assert size < n // 2, f"a copy of {size} elements in every loop iteration"
 
 
-def test_chunked_and_vectorized_steps_are_bitwise_equal():
+@pytest.mark.parametrize("code", ["dynamic", "float"])
+def test_chunked_and_vectorized_steps_are_bitwise_equal(code):
     """The CPU's loop over chunks (large leaves) and the one-expression step (other leaves,
     other backends) compute the same codes, scales and updates."""
     size = 3 * 2**16 + 1000  # three loop chunks and a padded tail
-    tx = fa.scale_by_adam_8bit()
+    tx = fa.scale_by_adam_8bit(code=code)
     state = tx.init(jnp.zeros(size))
     stored = (state.mu, state.nu)
     optimizer_step = None
 
-    def capture(step, g, stored, scalars, squared, chunked):
+    def capture(step, g, stored, scalars, squared, chunked, code):
         nonlocal optimizer_step
         optimizer_step = (step, scalars, squared)
-        return original(step, g, stored, scalars, squared, chunked)
+        return original(step, g, stored, scalars, squared, chunked, code)
 
     original = blockwise._quantized_step
     try:
@@ -302,8 +304,8 @@ def test_chunked_and_vectorized_steps_are_bitwise_equal():
     step, scalars, squared = optimizer_step
     for t in range(3):
         g = jax.random.normal(jax.random.key(t), (size,)) * jnp.linspace(1e-4, 3.0, size)
-        u_c, chunked = original(step, g, stored, scalars, squared, True)
-        u_v, vector = original(step, g, stored, scalars, squared, False)
+        u_c, chunked = original(step, g, stored, scalars, squared, True, code)
+        u_v, vector = original(step, g, stored, scalars, squared, False, code)
         chex.assert_trees_all_equal((u_c, chunked), (u_v, vector))
         stored = chunked
 

@@ -68,10 +68,10 @@ def test_valid_mask_excludes_finite_values_from_the_scale():
     np.testing.assert_allclose(qz.decode_blocks(q, signed=True)[0, 0], 0.5)  # saturated
 
 
-def _trajectory(name, bad, steps=50, n=4096, at=3, reference=False):
+def _trajectory(name, bad, steps=50, n=4096, at=3, reference=False, **kwargs):
     """``steps`` Adam steps on f(p) = |p|²; the first gradient has ``bad`` at index ``at``.
     ``reference``: the XLA path (else a plain update takes the kernel where one applies)."""
-    tx = getattr(fa, name)(1e-3)
+    tx = getattr(fa, name)(1e-3, **kwargs)
     p0 = jnp.linspace(-1.0, 1.0, n)
 
     @jax.jit
@@ -87,11 +87,15 @@ def _trajectory(name, bad, steps=50, n=4096, at=3, reference=False):
     return np.asarray(p0), np.asarray(p), s
 
 
-@pytest.mark.parametrize("reference", [False, True], ids=["kernel", "xla"])
+@pytest.mark.parametrize(
+    "reference, code",
+    [(False, "dynamic"), (True, "dynamic"), (False, "float")],
+    ids=["kernel", "xla", "kernel-float-codes"],
+)
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, 1e20, -1e20])
-def test_one_bad_gradient_does_not_spoil_its_block(bad, reference):
+def test_one_bad_gradient_does_not_spoil_its_block(bad, reference, code):
     """Before: inf turned the whole block to NaN; 1e20 froze it (each moved ~lr in 50 steps)."""
-    p0, p8, state = _trajectory("adam_8bit", bad, reference=reference)
+    p0, p8, state = _trajectory("adam_8bit", bad, reference=reference, code=code)
     _, p32, _ = _trajectory("adam", bad)
     others = np.arange(BLOCK) != 3  # the rest of the first block
     assert np.all(np.isfinite(p8[:BLOCK][others]))

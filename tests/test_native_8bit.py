@@ -14,6 +14,7 @@ from functional_adam.kernels import adam8_cpu, build
 from functional_adam.kernels.dispatch import reference_path
 from functional_adam.storage import quantized as qz
 from functional_adam.storage.codec import index_rule, make_codec
+from tests import test_float_codes
 from tests.trees import assert_within_ulps, kernel_and_xla_steps, plain_update_step
 
 TARGET = "functional_adam_adam8_f32"
@@ -65,6 +66,12 @@ CONFIGS = {
         1e-2, eps_root=1e-10, weight_decay=0.1, block_size=2048
     ),
     "adam_8bit_block_8_scalar_path": lambda: fa.adam_8bit(1e-2, block_size=8, min_8bit_size=64),
+    "nadamw_8bit_float_codes_block_64": lambda: fa.adamw_8bit(
+        3e-3, nesterov=True, weight_decay=0.1, block_size=64, code="float"
+    ),
+    "adam_8bit_float_codes_block_8_scalar_path": lambda: fa.adam_8bit(
+        1e-2, block_size=8, min_8bit_size=64, code="float"
+    ),
     "chain_clip_inject": lambda: optax.chain(
         optax.clip_by_global_norm(1.0),
         optax.inject_hyperparams(fa.adamw_8bit, static_args=("block_size", "min_8bit_size"))(
@@ -161,15 +168,16 @@ def test_plain_update_writes_over_the_gradient_and_keeps_a_gradient_still_needed
     chex.assert_trees_all_equal(kept, grads)
 
 
-def _kernel_inputs(block, size, seed=0, bad=True):
+def _kernel_inputs(block, size, seed=0, bad=True, code="dynamic"):
     rng = np.random.default_rng(seed)
     p = jnp.asarray(rng.normal(size=size), jnp.float32)
     g = rng.normal(size=size) * np.exp(rng.uniform(-20, 3, size))
     if bad and size > 8:
         g[[1, 5, 7]] = [np.inf, np.nan, -1e20]
-    m = qz.quantize(jnp.asarray(rng.normal(size=size) * 0.1, jnp.float32), block, signed=True)
+    m = jnp.asarray(rng.normal(size=size) * 0.1, jnp.float32)
+    m = qz.quantize(m, block, signed=True, code=code)
     v = jnp.pad(jnp.asarray(rng.exponential(size=size) * 1e-3, jnp.float32), (0, -size % block))
-    v = qz.encode_second_moment(v.reshape(-1, block))
+    v = qz.encode_second_moment(v.reshape(-1, block), code=code)
     return p, jnp.asarray(g, jnp.float32), m, v
 
 
@@ -177,18 +185,28 @@ SCALARS = jnp.array([0.9, 0.1, 0.999, 0.001, 1e-8, 0.0, 10.0, 1000.0, 1 / 0.19, 
 
 
 @pytest.mark.parametrize(
-    "block, size, nesterov",
-    [(16, 16 * 7 + 5, False), (64, 64 * 40, True), (256, 1000, False), (4096, 5000, True)],
+    "block, size, nesterov, code",
+    [
+        (16, 16 * 7 + 5, False, "float"),
+        (64, 64 * 40, True, "dynamic"),
+        (256, 1000, False, "dynamic"),
+        (4096, 5000, True, "float"),
+    ],
 )
-def test_simd_and_scalar_code_are_bitwise_equal_and_match_the_reference(block, size, nesterov):
+def test_simd_and_scalar_code_are_bitwise_equal_and_match_the_reference(
+    block, size, nesterov, code
+):
     """The AVX-512 code (where built) and the scalar code agree bitwise; the jax.numpy
     reference (as XLA compiles it) within a code and a few ulps."""
-    leaves = [_kernel_inputs(block, size), _kernel_inputs(block, 3 * block, seed=1, bad=False)]
+    leaves = [
+        _kernel_inputs(block, size, code=code),
+        _kernel_inputs(block, 3 * block, seed=1, bad=False, code=code),
+    ]
     decay = (True, False)
-    simd = adam8_cpu.adam8_step(SCALARS, leaves, decay, nesterov, True)
-    scalar = adam8_cpu.adam8_step(SCALARS, leaves, decay, nesterov, False)
-    reference = jax.jit(adam8_cpu.reference_step, static_argnums=(2, 3))(
-        SCALARS, leaves, decay, nesterov
+    simd = adam8_cpu.adam8_step(SCALARS, leaves, decay, nesterov, True, False, code)
+    scalar = adam8_cpu.adam8_step(SCALARS, leaves, decay, nesterov, False, False, code)
+    reference = jax.jit(adam8_cpu.reference_step, static_argnums=(2, 3, 4, 5))(
+        SCALARS, leaves, decay, nesterov, False, code
     )
     chex.assert_trees_all_equal(simd, scalar)
     states = lambda out: [o[1:] for o in out]  # noqa: E731
@@ -216,12 +234,17 @@ def _encode_inputs(seed=0) -> np.ndarray:
     return a[(a >= 0) & (a <= 1)]
 
 
-@pytest.mark.parametrize("simd", [True, False])
-def test_codes_follow_the_rule_at_every_midpoint(simd):
+@pytest.mark.parametrize(
+    "simd, code", [(True, "dynamic"), (False, "dynamic"), (True, "float"), (False, "float")]
+)
+def test_codes_follow_the_rule_at_every_midpoint(simd, code):
     """With b1 = b2 = 0 and one element 1.0 per block, m = g and v = g² with scales 1: the
-    kernel's codes of m and sqrt(v) are those of the codec's rule (index_rule), signs,
-    ties and the smallest codes included."""
+    kernel's codes of m and sqrt(v) are those of the codec's rule (index_rule; float codes:
+    the nearest, by tests/test_float_codes.py's reference), signs, ties and the smallest
+    codes included."""
     a = _encode_inputs()
+    if code == "float":
+        a = np.concatenate([a, test_float_codes._inputs()])
     block = 4096
     per_block = block - 1  # and one 1.0: the block maximum, scale 1
     blocks = -(-a.size // per_block)
@@ -234,14 +257,19 @@ def test_codes_follow_the_rule_at_every_midpoint(simd):
     mu, nu = qz.zeros(g.shape, block, signed=True), qz.zeros(g.shape, block, signed=False)
     scalars = jnp.array([0.0, 1.0, 0.0, 1.0, 1e-8, 0.0, 1.0, 1.0, 1.0, -0.01, 0.0])
     leaf = (jnp.zeros_like(g), jnp.asarray(g), mu, nu)
-    _, mu, nu = adam8_cpu.adam8_step(scalars, [leaf], (False,), False, simd)[0]
+    _, mu, nu = adam8_cpu.adam8_step(scalars, [leaf], (False,), False, simd, False, code)[0]
     np.testing.assert_array_equal(mu.scale, 1.0)
     np.testing.assert_array_equal(nu.scale, 1.0)
-    k = index_rule(np.abs(g), make_codec(True))
-    expected_m = np.where(g < 0, -np.minimum(k, 127), k)
     v = g * g  # float32, as the kernel rounds it; XLA:CPU flushes subnormal results to 0
     root = np.sqrt(np.where(v < np.finfo(np.float32).tiny, np.float32(0), v))
-    expected_v = index_rule(root, make_codec(False))
+    if code == "float":
+        k = test_float_codes.reference_codes(np.abs(g).astype(np.float64), True)
+        expected_m = np.where(g < 0, -k, k)
+        expected_v = test_float_codes.reference_codes(root.astype(np.float64), False)
+    else:
+        k = index_rule(np.abs(g), make_codec(True))
+        expected_m = np.where(g < 0, -np.minimum(k, 127), k)
+        expected_v = index_rule(root, make_codec(False))
     expected_v = np.where((root > 0) & (expected_v == 0), 1, expected_v)
     np.testing.assert_array_equal(np.asarray(mu.codes).reshape(-1), expected_m.astype(np.int8))
     np.testing.assert_array_equal(np.asarray(nu.codes).reshape(-1), expected_v)
@@ -343,3 +371,21 @@ def test_without_the_avx512_code_the_xla_path_is_taken(monkeypatch):
         params, tx.init(params), params
     )
     assert TARGET not in lowered.as_text()
+
+
+def test_flax_train_state_apply_gradients_takes_the_kernel():
+    """``TrainState.apply_gradients`` (``tx.update`` + ``optax.apply_updates``) runs the
+    8-bit kernel and steps as the XLA path does."""
+    from flax.training import train_state
+
+    tx = fa.adamw_8bit(1e-2, weight_decay=0.1)
+    params = {"w": _tree()["w"]}
+    state = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+    grads = _grads(params, 2)
+    apply = jax.jit(lambda s, g: s.apply_gradients(grads=g))
+    assert TARGET in apply.lower(state, grads).as_text()
+    _, xla = kernel_and_xla_steps(tx)
+    p_x, s_x = xla(grads, state.opt_state, params)
+    new = apply(state, grads)
+    assert _assert_states_match(new.opt_state, s_x, True) <= 1
+    assert_within_ulps(new.params, p_x, ULPS, scale_floor=np.abs(np.asarray(params["w"])))

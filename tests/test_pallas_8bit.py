@@ -42,18 +42,22 @@ def _assert_matches_reference(out, reference, leaves):
 
 
 @pytest.mark.parametrize(
-    "block, sizes, nesterov",
-    [(256, (1000, 768, 20 * 256 + 7), False), (64, (64 * 33 + 5, 64), True), (4096, (5000,), True)],
-    ids=["256", "64-nesterov", "4096-nesterov"],
+    "block, sizes, nesterov, code",
+    [
+        (256, (1000, 768, 20 * 256 + 7), False, "dynamic"),
+        (64, (64 * 33 + 5, 64), True, "float"),
+        (4096, (5000,), True, "dynamic"),
+    ],
+    ids=["256", "64-nesterov-float-codes", "4096-nesterov"],
 )
-def test_interpreted_kernel_equals_the_reference(block, sizes, nesterov):
+def test_interpreted_kernel_equals_the_reference(block, sizes, nesterov, code):
     """Several leaves in one launch, partial last blocks and groups, inf/NaN/1e20 gradients."""
-    leaves = [_kernel_inputs(block, n, seed=i, bad=i == 0) for i, n in enumerate(sizes)]
+    leaves = [_kernel_inputs(block, n, seed=i, bad=i == 0, code=code) for i, n in enumerate(sizes)]
     decay = tuple(i % 2 == 0 for i in range(len(leaves)))
-    step = jax.jit(adam8_gpu.adam8_step, static_argnums=(2, 3, 4))
-    out = step(SCALARS, leaves, decay, nesterov, True)
-    reference = jax.jit(adam8_cpu.reference_step, static_argnums=(2, 3))(
-        SCALARS, leaves, decay, nesterov
+    step = jax.jit(adam8_gpu.adam8_step, static_argnums=(2, 3, 4, 5, 6))
+    out = step(SCALARS, leaves, decay, nesterov, True, False, code)
+    reference = jax.jit(adam8_cpu.reference_step, static_argnums=(2, 3, 4, 5))(
+        SCALARS, leaves, decay, nesterov, False, code
     )
     _assert_matches_reference(out, reference, leaves)
 
@@ -66,10 +70,11 @@ def test_leaves_go_in_few_launches_and_lower_to_triton_for_cuda(monkeypatch):
     leaves.append(_kernel_inputs(64, 100, seed=3))
     decay = (False, True, False, True)
 
-    for updates in (False, True):  # the new θ, or the update over g (tx.update's kernel)
+    # The new θ, or the update over g (tx.update's kernel) with float codes.
+    for updates, code in ((False, "dynamic"), (True, "float")):
 
-        def step(scalars, leaves, updates=updates):
-            return adam8_gpu.adam8_step(scalars, leaves, decay, False, False, updates)
+        def step(scalars, leaves, updates=updates, code=code):
+            return adam8_gpu.adam8_step(scalars, leaves, decay, False, False, updates, code)
 
         module = cuda_module(step, SCALARS, leaves)
         assert triton_launches(module) == 3
@@ -84,6 +89,7 @@ CONFIGS = {
         mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
     ),
     "nadam_8bit_block_64": lambda: fa.adam_8bit(3e-3, nesterov=True, block_size=64),
+    "adamw_8bit_float_codes": lambda: fa.adamw_8bit(1e-2, weight_decay=0.1, code="float"),
 }
 
 

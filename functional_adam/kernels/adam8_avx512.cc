@@ -64,6 +64,43 @@ inline __m512 DecodeUnsignedV(const uint8_t* codes, const MapV& map) {
   return DecodeV(k, _mm512_lzcnt_epi32(_mm512_add_epi32(k, _mm512_set1_epi32(1))), map);
 }
 
+// Float codes (FloatCode in adam8_cpu.cc): decode (q + base) << shift as float32, 0 for q = 0.
+template <bool kSigned>
+inline __m512 FloatDecodeV(__m512i q) {
+  using C = FloatCode<kSigned>;
+  const __m512i bits = _mm512_add_epi32(q, _mm512_set1_epi32(C::kBase));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(_mm512_test_epi32_mask(q, q), bits, C::kShift));
+}
+
+// q = (bits(a) + round) >> shift, not yet clamped (a in [0, 1]).
+template <bool kSigned>
+inline __m512i FloatIndexV(__m512 a) {
+  using C = FloatCode<kSigned>;
+  const __m512i bits = _mm512_add_epi32(_mm512_castps_si512(a), _mm512_set1_epi32(C::kRound));
+  return _mm512_srai_epi32(bits, C::kShift);
+}
+
+template <bool kFloat>
+inline __m512 DecodeSignedCodeV(const int8_t* codes, const MapV& map) {
+  if constexpr (kFloat) {
+    const __m512i c =
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+    const __m512 magnitude = FloatDecodeV<true>(_mm512_abs_epi32(c));
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(
+        _mm512_castps_si512(magnitude), c, _mm512_set1_epi32(INT32_MIN), 0x78));
+  }
+  return DecodeSignedV(codes, map);
+}
+
+template <bool kFloat>
+inline __m512 DecodeUnsignedCodeV(const uint8_t* codes, const MapV& map) {
+  if constexpr (kFloat) {
+    return FloatDecodeV<false>(
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))));
+  }
+  return DecodeUnsignedV(codes, map);
+}
+
 // k = min(floor(fma(a, gain, -shift)), last) with the constants of a's region (MapV), for
 // a >= 2^-24 (smaller a are all in region 0, whose constants give k = 0 for a = 2^-24 too).
 inline __m512i IndexV(__m512 a, const MapV& map) {
@@ -96,13 +133,13 @@ inline __m512 DenominatorV(const Params& s, __m512 v) {
 // rest padding with g = 0): the new m and v into M and V at i, the running maxima of the
 // bits of |m| and v (unsigned: any non-finite value, and only such, reaches 0x7f800000 or
 // above; so does a negative v, which b2 in [0, 1) rules out), and θ.
-template <bool kNesterov, bool kMasked>
+template <bool kNesterov, bool kMasked, bool kFloat>
 inline void MomentsV(const Params& s, const MapV& mm, const MapV& vm, const Leaf& x,
                      int64_t at, int64_t i, __mmask16 real, __m512 sm, __m512 sv, float* M,
                      float* V, __m512i& m_max, __m512i& v_max) {
   const __m512 g = kMasked ? _mm512_maskz_loadu_ps(real, x.g + at) : _mm512_loadu_ps(x.g + at);
-  const __m512 md = _mm512_mul_ps(DecodeSignedV(x.m_in + at, mm), sm);
-  const __m512 t = _mm512_mul_ps(DecodeUnsignedV(x.v_in + at, vm), sv);
+  const __m512 md = _mm512_mul_ps(DecodeSignedCodeV<kFloat>(x.m_in + at, mm), sm);
+  const __m512 t = _mm512_mul_ps(DecodeUnsignedCodeV<kFloat>(x.v_in + at, vm), sv);
   const __m512 m = _mm512_fmadd_ps(_mm512_set1_ps(s.omb1), g,
                                    _mm512_mul_ps(_mm512_set1_ps(s.b1), md));
   const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(s.omb2), _mm512_mul_ps(g, g),
@@ -139,8 +176,25 @@ struct Swept {
 };
 
 // The codes of 16 elements at `at` from their new m and v, all valid (finite).
+template <bool kFloat>
 inline void EncodeV(const MapV& mm, const MapV& vm, const Leaf& x, const Swept& w, int64_t i) {
   const __m512 m = _mm512_load_ps(w.M + i), root = _mm512_sqrt_ps(_mm512_load_ps(w.V + i));
+  if constexpr (kFloat) {
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i km = _mm512_min_epi32(
+        _mm512_max_epi32(FloatIndexV<true>(_mm512_abs_ps(_mm512_mul_ps(m, w.m_inv))), zero),
+        _mm512_set1_epi32(FloatCode<true>::kTop));
+    // max with (root > 0): clamps at 0, and a positive v never gets the zero code.
+    const __m512i kv = _mm512_min_epi32(
+        _mm512_max_epi32(FloatIndexV<false>(_mm512_mul_ps(root, w.v_inv)),
+                         _mm512_min_epu32(_mm512_castps_si512(root), _mm512_set1_epi32(1))),
+        _mm512_set1_epi32(FloatCode<false>::kTop));
+    const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(m));
+    _mm512_mask_cvtepi32_storeu_epi8(x.m + w.start + i, 0xFFFF,
+                                     _mm512_mask_sub_epi32(km, negative, zero, km));
+    _mm512_mask_cvtepi32_storeu_epi8(x.v + w.start + i, 0xFFFF, kv);
+    return;
+  }
   const __m512 floor = _mm512_set1_ps(0x1p-24f);
   // max(|m · (1 / scale)|, 2^-24): range's larger magnitude (0b11), sign cleared (0b10xx).
   const __m512i km = IndexV(_mm512_range_ps(_mm512_mul_ps(m, w.m_inv), floor, 0x0B), mm);
@@ -165,7 +219,7 @@ inline float MaxOf(__m512i bits) {
 // The moment sweep of block b into M and V and, with kEncode, the encoding sweep of the block
 // before it, interleaved: the square roots and divisions of the one run on the divider while
 // the table look-ups of the other run on the vector units. Returns the block's maxima.
-template <bool kNesterov, bool kMasked, bool kEncode>
+template <bool kNesterov, bool kMasked, bool kEncode, bool kFloat>
 void Sweeps(const Params& s, const MapV& mm, const MapV& vm, const Leaf& x, int64_t b,
             float* M, float* V, const Swept& before, float* m_scale, float* v_scale) {
   const int64_t start = b * x.block, count = std::min(x.block, x.size - start);
@@ -175,27 +229,28 @@ void Sweeps(const Params& s, const MapV& mm, const MapV& vm, const Leaf& x, int6
   for (int64_t i = 0; i < x.block; i += 16) {
     const int64_t left = count - i;
     const __mmask16 real = !kMasked || left >= 16 ? 0xFFFF : (left > 0 ? (1u << left) - 1 : 0);
-    MomentsV<kNesterov, kMasked>(s, mm, vm, x, start + i, i, real, sm, sv, M, V, m_max, v_max);
-    if constexpr (kEncode) EncodeV(mm, vm, x, before, i);
+    MomentsV<kNesterov, kMasked, kFloat>(s, mm, vm, x, start + i, i, real, sm, sv, M, V, m_max,
+                                         v_max);
+    if constexpr (kEncode) EncodeV<kFloat>(mm, vm, x, before, i);
   }
   *m_scale = MaxOf(m_max);
   *v_scale = MaxOf(v_max);
 }
 
-template <bool kNesterov, bool kEncode>
+template <bool kNesterov, bool kEncode, bool kFloat>
 void Sweeps(const Params& s, const MapV& mm, const MapV& vm, const Leaf& x, int64_t b,
             float* M, float* V, const Swept& before, float* m_scale, float* v_scale) {
   if (x.size - b * x.block >= x.block) {
-    Sweeps<kNesterov, false, kEncode>(s, mm, vm, x, b, M, V, before, m_scale, v_scale);
+    Sweeps<kNesterov, false, kEncode, kFloat>(s, mm, vm, x, b, M, V, before, m_scale, v_scale);
   } else {
-    Sweeps<kNesterov, true, kEncode>(s, mm, vm, x, b, M, V, before, m_scale, v_scale);
+    Sweeps<kNesterov, true, kEncode, kFloat>(s, mm, vm, x, b, M, V, before, m_scale, v_scale);
   }
 }
 
 // Blocks [lo, hi) of a leaf, each encoded while the next one's moments are computed. A block
 // with a non-finite m or v (rare) is encoded by the scalar code, where the saturation policy
 // is written.
-template <bool kNesterov>
+template <bool kNesterov, bool kFloat>
 void BlocksVector(const Params& s, const MapV& mm, const MapV& vm, const Map& m_map,
                   const Map& v_map, const Leaf& x, int64_t lo, int64_t hi) {
   alignas(64) float buffers[2][2][kMaxBlock];
@@ -206,13 +261,13 @@ void BlocksVector(const Params& s, const MapV& mm, const MapV& vm, const Map& m_
     float* V = buffers[b & 1][1];
     float m_max, v_max;
     if (pending) {
-      Sweeps<kNesterov, true>(s, mm, vm, x, b, M, V, before, &m_max, &v_max);
+      Sweeps<kNesterov, true, kFloat>(s, mm, vm, x, b, M, V, before, &m_max, &v_max);
     } else {
-      Sweeps<kNesterov, false>(s, mm, vm, x, b, M, V, before, &m_max, &v_max);
+      Sweeps<kNesterov, false, kFloat>(s, mm, vm, x, b, M, V, before, &m_max, &v_max);
     }
     pending = m_max <= FLT_MAX && v_max <= FLT_MAX;
     if (!pending) [[unlikely]] {  // M and V are the scalar code's (g may be gone: `updates`)
-      EncodeScalar(m_map, v_map, x, b, M, V);
+      EncodeScalar<kFloat>(m_map, v_map, x, b, M, V);
       continue;
     }
     const float m_scale = m_max, v_scale = std::sqrt(v_max);
@@ -222,6 +277,6 @@ void BlocksVector(const Params& s, const MapV& mm, const MapV& vm, const Map& m_
               _mm512_set1_ps(v_scale > 0 ? 1.0f / v_scale : 0.0f)};
   }
   if (pending) {
-    for (int64_t i = 0; i < x.block; i += 16) EncodeV(mm, vm, x, before, i);
+    for (int64_t i = 0; i < x.block; i += 16) EncodeV<kFloat>(mm, vm, x, before, i);
   }
 }

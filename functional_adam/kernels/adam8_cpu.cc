@@ -13,6 +13,8 @@
 // The codec is functional_adam.storage.codec's rule, computed arithmetically: decode
 // (k - offset[d]) · slope[d] with d from k's leading zeros; encode r = #{thresholds <= a},
 // k = min(floor(fma(a, gain[r], -shift[r])), last[r]). The constants arrive in `consts`.
+// With `float_codes`, the codes are functional_adam.storage.float_codes' instead (bit
+// operations on the float32 of a).
 // Fused multiply-adds are placed where XLA:CPU places them in the jax.numpy path, so the
 // moments and the codes equal that path's; θ differs from it by an ulp or two where XLA
 // divides by the bias corrections and this kernel multiplies by their reciprocals.
@@ -139,6 +141,56 @@ inline int32_t IndexScalar(float a, const Map& map) {
   return std::min(static_cast<int32_t>(std::floor(y)), map.last[r]);
 }
 
+// Float codes (functional_adam.storage.float_codes): a code is the top bits of the float32 of
+// a = |x| / scale: q = clamp((bits(a) + 2^(shift-1) - (base << shift)) >> shift, 0, top),
+// decoded as the float32 of (q + base) << shift (0 for q = 0).
+template <bool kSigned>
+struct FloatCode {
+  static constexpr int32_t kBase = kSigned ? 889 : 1777, kShift = kSigned ? 20 : 19,
+                           kTop = kSigned ? 127 : 255;
+  static constexpr int32_t kRound = (1 << (kShift - 1)) - (kBase << kShift);
+};
+
+template <bool kSigned>
+inline int32_t FloatIndex(float a) {  // a in [0, 1]
+  using C = FloatCode<kSigned>;
+  int32_t bits;
+  std::memcpy(&bits, &a, sizeof(bits));
+  return std::clamp((bits + C::kRound) >> C::kShift, 0, C::kTop);
+}
+
+template <bool kSigned>
+inline float FloatValue(int32_t q) {
+  using C = FloatCode<kSigned>;
+  const int32_t bits = (q + C::kBase) << C::kShift;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return q > 0 ? out : 0.0f;
+}
+
+// The codec of either format (kFloat: float codes; else the dynamic map).
+template <bool kFloat>
+inline float DecodeSignedCode(int8_t code, const Map& map) {
+  if constexpr (kFloat) {
+    const int32_t c = code;
+    const float value = FloatValue<true>(c < 0 ? -c : c);
+    return c < 0 ? -value : value;
+  }
+  return DecodeSigned(code, map);
+}
+
+template <bool kFloat>
+inline float DecodeUnsignedCode(uint8_t code, const Map& map) {
+  if constexpr (kFloat) return FloatValue<false>(code);
+  return DecodeUnsigned(code, map);
+}
+
+template <bool kFloat, bool kSigned>
+inline int32_t Index(float a, const Map& map) {
+  if constexpr (kFloat) return FloatIndex<kSigned>(a);
+  return IndexScalar(a, map);
+}
+
 inline bool Finite(float x) { return std::isfinite(x); }
 
 // Multiply-adds are explicit (std::fma, _mm512_fmadd_ps) wherever XLA:CPU contracts the
@@ -156,15 +208,15 @@ inline float MHat(const Params& s, float g, float m) {
 
 // The new moments of block b into M and V (the final block's padding: g = 0), and the new θ
 // (or, with `updates`, the update) of the block's elements.
-template <bool kNesterov>
+template <bool kNesterov, bool kFloat>
 void MomentsScalar(const Params& s, const Map& mm, const Map& vm, const Leaf& x, int64_t b,
                    float* M, float* V) {
   const int64_t start = b * x.block, count = std::min(x.block, x.size - start);
   const float sm = x.ms_in[b], sv = x.vs_in[b];
   for (int64_t i = 0; i < x.block; ++i) {
     const float g = i < count ? x.g[start + i] : 0.0f;
-    const float md = DecodeSigned(x.m_in[start + i], mm) * sm;
-    const float t = DecodeUnsigned(x.v_in[start + i], vm) * sv;
+    const float md = DecodeSignedCode<kFloat>(x.m_in[start + i], mm) * sm;
+    const float t = DecodeUnsignedCode<kFloat>(x.v_in[start + i], vm) * sv;
     const float m = std::fma(s.omb1, g, s.b1 * md);
     const float v = std::fma(s.omb2, g * g, s.b2 * (t * t));
     M[i] = m;
@@ -180,6 +232,7 @@ void MomentsScalar(const Params& s, const Map& mm, const Map& vm, const Leaf& x,
 
 // The scales (absolute maxima of the valid m and sqrt(v)) and codes of block b from its new
 // moments (valid: m and v finite; invalid ones saturate).
+template <bool kFloat>
 void EncodeScalar(const Map& mm, const Map& vm, const Leaf& x, int64_t b, const float* M,
                   const float* V) {
   const int64_t start = b * x.block;
@@ -193,14 +246,15 @@ void EncodeScalar(const Map& mm, const Map& vm, const Leaf& x, int64_t b, const 
   const float m_scale = m_max, v_scale = std::sqrt(v_max);
   const float m_inv = m_scale > 0 ? 1.0f / m_scale : 0.0f;
   const float v_inv = v_scale > 0 ? 1.0f / v_scale : 0.0f;
-  const int32_t top = mm.last[kRegions] - 1;  // the signed map holds +1 but not -1
+  // The signed map holds +1 but not -1; float codes are symmetric.
+  const int32_t top = kFloat ? FloatCode<true>::kTop : mm.last[kRegions] - 1;
   for (int64_t i = 0; i < x.block; ++i) {
     const float m = M[i], v = V[i], root = std::sqrt(v);
     const bool valid = Finite(m) && Finite(v);
     const float am = valid ? std::fabs(m) * m_inv : (std::isnan(m) ? 0.0f : 1.0f);
     const float av = valid ? root * v_inv : 1.0f;
-    const int32_t km = IndexScalar(am, mm);
-    int32_t kv = IndexScalar(av, vm);
+    const int32_t km = Index<kFloat, true>(am, mm);
+    int32_t kv = Index<kFloat, false>(av, vm);
     if (root > 0 && kv == 0) kv = 1;  // a positive v never gets the zero code
     x.m[start + i] = static_cast<int8_t>(m < 0 ? -std::min(km, top) : km);
     x.v[start + i] = static_cast<uint8_t>(kv);
@@ -209,11 +263,11 @@ void EncodeScalar(const Map& mm, const Map& vm, const Leaf& x, int64_t b, const 
   x.vs[b] = v_scale;
 }
 
-template <bool kNesterov>
+template <bool kNesterov, bool kFloat>
 void BlockScalar(const Params& s, const Map& mm, const Map& vm, const Leaf& x, int64_t b) {
   float M[kMaxBlock], V[kMaxBlock];
-  MomentsScalar<kNesterov>(s, mm, vm, x, b, M, V);
-  EncodeScalar(mm, vm, x, b, M, V);
+  MomentsScalar<kNesterov, kFloat>(s, mm, vm, x, b, M, V);
+  EncodeScalar<kFloat>(mm, vm, x, b, M, V);
 }
 
 // Asks for the cache lines of the elements [at, at + n) of a leaf (those that exist), so
@@ -239,27 +293,31 @@ struct Work {
   std::vector<int64_t> starts;  // global index of each leaf's first block, plus the total
   Params params;
   Map m_map, v_map;
-  bool nesterov, simd;
+  bool nesterov, simd, float_codes;
   int64_t chunk_blocks, num_chunks;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
-  template <bool kNesterov>
+  template <bool kNesterov, bool kFloat>
   void Blocks(const Leaf& x, int64_t lo, int64_t hi) {
 #ifdef FA_AVX512
     if (simd && x.block % 16 == 0) {
       const MapV mm = Vectors(m_map, true), vm = Vectors(v_map, false);
-      BlocksVector<kNesterov>(params, mm, vm, m_map, v_map, x, lo, hi);
+      BlocksVector<kNesterov, kFloat>(params, mm, vm, m_map, v_map, x, lo, hi);
       return;
     }
 #endif
     for (int64_t b = lo; b < hi; ++b) {
-      BlockScalar<kNesterov>(params, m_map, v_map, x, b);
+      BlockScalar<kNesterov, kFloat>(params, m_map, v_map, x, b);
     }
   }
 
   void Blocks(const Leaf& x, int64_t lo, int64_t hi) {
-    nesterov ? Blocks<true>(x, lo, hi) : Blocks<false>(x, lo, hi);
+    if (float_codes) {
+      nesterov ? Blocks<true, true>(x, lo, hi) : Blocks<false, true>(x, lo, hi);
+    } else {
+      nesterov ? Blocks<true, false>(x, lo, hi) : Blocks<false, false>(x, lo, hi);
+    }
   }
 
   // Takes chunks until none is left; returns after the last chunk it took is written.
@@ -325,7 +383,7 @@ ffi::Error ReadLeaf(ffi::RemainingArgs& args, ffi::RemainingRets& rets, size_t k
 ffi::Error Adam8Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 1> scalars,
                      ffi::Buffer<ffi::F32, 1> consts, ffi::RemainingArgs args,
                      ffi::RemainingRets rets, ffi::Span<const int64_t> decay, bool nesterov,
-                     bool simd, bool updates) {
+                     bool simd, bool updates, bool float_codes) {
   const size_t num_leaves = decay.size();
   if (scalars.element_count() != kNumScalars) return Invalid("expected 11 scalars");
   if (consts.element_count() != 2 * kMapSize) return Invalid("expected 320 codec constants");
@@ -338,6 +396,7 @@ ffi::Error Adam8Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 1> scalars,
   work->v_map = ReadMap(consts.typed_data() + kMapSize);
   work->nesterov = nesterov;
   work->simd = simd;
+  work->float_codes = float_codes;
   work->starts.push_back(0);
   int64_t largest = 1;
   for (size_t k = 0; k < num_leaves; ++k) {
@@ -374,7 +433,8 @@ ffi::Error Adam8Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 1> scalars,
       .Attr<ffi::Span<const int64_t>>("decay")    \
       .Attr<bool>("nesterov")                     \
       .Attr<bool>("simd")                         \
-      .Attr<bool>("updates")
+      .Attr<bool>("updates")                      \
+      .Attr<bool>("float_codes")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FunctionalAdam8bitStepF32, Adam8Step, FA8_BIND);
 

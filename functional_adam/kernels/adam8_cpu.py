@@ -87,12 +87,14 @@ def reference_step(
     decay: Sequence[bool],
     nesterov: bool,
     updates: bool = False,
+    code: str = "dynamic",
 ) -> list[tuple[jax.Array, BlockQuantized, BlockQuantized]]:
     """The kernel's arithmetic in ``jax.numpy`` (its derivative rule; equal to it within rounding).
 
     Flat and shard-major leaves alike (a shard-major one as the flat blocks of its
     shard-major order, as the kernel takes it). ``updates``: the first result of each
-    leaf is the update ``-lr·(u [+ wd·θ])`` instead of the new θ.
+    leaf is the update ``-lr·(u [+ wd·θ])`` instead of the new θ. ``code``: the codes'
+    format (``"dynamic"`` or ``"float"``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -111,9 +113,10 @@ def reference_step(
         mu, nu = BlockQuantized(*codes[:2]), BlockQuantized(*codes[2:])
         n_blocks, block = mu.codes.shape
         flat = jnp.pad(g.reshape(-1), (0, n_blocks * block - g.size)).reshape(n_blocks, block)
-        m = s.one_minus_b1 * flat + s.b1 * decode_blocks(mu, signed=True)
-        v = s.one_minus_b2 * (flat * flat) + s.b2 * jnp.square(decode_blocks(nu, signed=False))
-        mu, nu = encode_moments((m, v), (False, True))
+        m = s.one_minus_b1 * flat + s.b1 * decode_blocks(mu, signed=True, code=code)
+        v_old = jnp.square(decode_blocks(nu, signed=False, code=code))
+        v = s.one_minus_b2 * (flat * flat) + s.b2 * v_old
+        mu, nu = encode_moments((m, v), (False, True), code=code)
         m, v = (x.reshape(-1)[: g.size].reshape(g.shape) for x in (m, v))
         if nesterov:
             m_hat = s.b1 * (m * s.inv_bc1_next) + s.one_minus_b1 * (g * s.inv_bc1)
@@ -127,7 +130,7 @@ def reference_step(
     return out
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5, 6))
 def adam8_step(
     scalars: jax.Array,
     leaves: Sequence[Leaf8],
@@ -135,6 +138,7 @@ def adam8_step(
     nesterov: bool,
     simd: bool = True,
     updates: bool = False,
+    code: str = "dynamic",
 ) -> list[tuple[jax.Array, BlockQuantized, BlockQuantized]]:
     """Calls the kernel: ``(θ, g, mu, nu)`` per leaf in, ``(θ, mu, nu)`` per leaf out, in place.
 
@@ -145,19 +149,23 @@ def adam8_step(
     the first result of each leaf is the update ``-lr·(u [+ wd·θ])`` (what
     ``GradientTransformation.update`` returns), written over g (aliased to it; XLA copies
     g first where it is still needed), and θ is read only for the decay (one device
-    only). Differentiable
+    only). ``code``: the codes' format, ``"dynamic"`` or ``"float"``. Differentiable
     (through :func:`reference_step`) and batchable (one call per batch element).
     """
-    return _call_kernel(scalars, list(leaves), tuple(decay), nesterov, simd, updates)
+    return _call_kernel(scalars, list(leaves), tuple(decay), nesterov, simd, updates, code)
 
 
 @adam8_step.defjvp
-def _adam8_step_jvp(decay, nesterov, simd, updates, primals, tangents):
+def _adam8_step_jvp(decay, nesterov, simd, updates, code, primals, tangents):
     del simd
-    return jax.jvp(lambda s, x: reference_step(s, x, decay, nesterov, updates), primals, tangents)
+
+    def reference(s, x):
+        return reference_step(s, x, decay, nesterov, updates, code)
+
+    return jax.jvp(reference, primals, tangents)
 
 
-def _call_kernel(scalars, leaves, decay, nesterov, simd, updates):
+def _call_kernel(scalars, leaves, decay, nesterov, simd, updates, code):
     if len(leaves) > LEAVES_PER_CALL:
         return [
             out
@@ -169,6 +177,7 @@ def _call_kernel(scalars, leaves, decay, nesterov, simd, updates):
                 nesterov,
                 simd,
                 updates,
+                code,
             )
         ]
     if not build.available():
@@ -176,7 +185,7 @@ def _call_kernel(scalars, leaves, decay, nesterov, simd, updates):
     flat = [(p, g, *mu, *nu) for p, g, mu, nu in leaves]  # θ, g, m codes, m scales, v ...
     # The scalars, then the codec's tables: one replicated operand (no constant in the call).
     packed = jnp.concatenate([scalars, jnp.asarray(codec_constants())])
-    static = (decay, nesterov, simd, updates)
+    static = (decay, nesterov, simd, updates, code)
     if jax.device_count() > 1:  # the arrays may be sharded: one call per device, on its shards
         if updates:
             raise ValueError("adam8_step(updates=True) runs on one device")
@@ -186,7 +195,7 @@ def _call_kernel(scalars, leaves, decay, nesterov, simd, updates):
     return [(r[0], BlockQuantized(*r[1:3]), BlockQuantized(*r[3:5])) for r in out]
 
 
-def _one_call(packed, leaves, decay, nesterov, simd, updates=False):
+def _one_call(packed, leaves, decay, nesterov, simd, updates=False, code="dynamic"):
     """The kernel's ``jax.ffi`` call: ``(θ, g, m codes, m scales, v codes, v scales)`` per leaf
     in, ``(θ or the update, m codes, m scales, v codes, v scales)`` out; ``packed`` is the
     scalars, then :func:`codec_constants`."""
@@ -210,6 +219,7 @@ def _one_call(packed, leaves, decay, nesterov, simd, updates=False):
         nesterov=bool(nesterov),
         simd=simd,
         updates=bool(updates),
+        float_codes=code == "float",
     )
     return [tuple(flat[5 * k : 5 * k + 5]) for k in range(len(leaves))]
 
@@ -220,12 +230,12 @@ def is_shard_major(shapes) -> bool:
     return len(shapes[0]) > 0 and len(shapes[2]) == len(shapes[0]) + 2
 
 
-def _any_call(packed, leaves, decay, nesterov, simd, updates=False):
+def _any_call(packed, leaves, decay, nesterov, simd, updates=False, code="dynamic"):
     """:func:`_one_call` for flat and shard-major leaves: the shard-major ones are called as
     the flat blocks of their arrays in shard-major order (each shard flattened and padded
     to whole blocks; on a device holding one shard's blocks, just a reshape) and put back."""
     flat, undo = zip(*(_as_flat(leaf) for leaf in leaves), strict=True)
-    out = _one_call(packed, list(flat), decay, nesterov, simd, updates)
+    out = _one_call(packed, list(flat), decay, nesterov, simd, updates, code)
     return [back(result) for back, result in zip(undo, out, strict=True)]
 
 

@@ -26,6 +26,7 @@ from jax.experimental.pallas import triton as plt
 from functional_adam.kernels.adam8_cpu import Leaf8, reference_step
 from functional_adam.kernels.adam_cpu import KernelScalars
 from functional_adam.kernels.adam_gpu import launch
+from functional_adam.storage import float_codes
 from functional_adam.storage.codec import (
     decode_codes_by_rule,
     make_codec,
@@ -39,27 +40,40 @@ ELEMENTS_PER_PROGRAM = 2048  # or one block, if blocks are larger
 NUM_WARPS = 4
 
 
-def _encode(m, v, valid, m_inv, v_inv):
+def _encode(m, v, valid, m_inv, v_inv, code):
     """The codes of the new ``m`` and ``sqrt(v)`` of some blocks, given the inverse scales."""
-    signed, unsigned = make_codec(True), make_codec(False)
     root = jnp.sqrt(v)
     am = jnp.where(valid, jnp.abs(m) * m_inv, jnp.where(jnp.isnan(m), 0.0, 1.0))
     av = jnp.where(valid, root * v_inv, 1.0)
-    km = nearest_index_by_rule(am, signed)
-    km = jnp.where(m < 0, -jnp.minimum(km, len(signed.magnitudes) - 2), km)
-    km = jnp.where(km == 128, -128, km)  # the code of +1 (int8 wraps)
-    kv = nearest_index_by_rule(av, unsigned)
+    if code == "float":
+        km, kv = float_codes.encode(am, True), float_codes.encode(av, False)
+        km = jnp.where(m < 0, -km, km)
+    else:
+        signed, unsigned = make_codec(True), make_codec(False)
+        km = nearest_index_by_rule(am, signed)
+        km = jnp.where(m < 0, -jnp.minimum(km, len(signed.magnitudes) - 2), km)
+        km = jnp.where(km == 128, -128, km)  # the code of +1 (int8 wraps)
+        kv = nearest_index_by_rule(av, unsigned)
     kv = jnp.where((root > 0) & (kv == 0), 1, kv)  # a positive v never gets the zero code
     return km.astype(jnp.int8), kv.astype(jnp.uint8)
 
 
+def _decode(codes, signed: bool, code: str):
+    """The values in [-1, 1] of some blocks' codes (without their scales)."""
+    if code == "float":
+        k = codes.astype(jnp.int32)
+        magnitude = float_codes.decode(jnp.abs(k), signed)
+        return jnp.where(k < 0, -magnitude, magnitude)
+    return decode_codes_by_rule(codes, make_codec(signed))
+
+
 def _group_step(
-    s: KernelScalars, p, g, m_codes, m_scale, v_codes, v_scale, decay, nesterov, updates
+    s: KernelScalars, p, g, m_codes, m_scale, v_codes, v_scale, decay, nesterov, updates, code
 ):
     """θ (``updates``: the update) and the new codes and scales of a group of blocks (shapes
     ``(G, block)`` and ``(G,)``)."""
-    md = decode_codes_by_rule(m_codes, make_codec(True)) * m_scale[:, None]
-    vd = jnp.square(decode_codes_by_rule(v_codes, make_codec(False)) * v_scale[:, None])
+    md = _decode(m_codes, True, code) * m_scale[:, None]
+    vd = jnp.square(_decode(v_codes, False, code) * v_scale[:, None])
     m = s.one_minus_b1 * g + s.b1 * md
     v = s.one_minus_b2 * (g * g) + s.b2 * vd
     valid = jnp.isfinite(m) & jnp.isfinite(v)
@@ -67,7 +81,7 @@ def _group_step(
     v_new_scale = jnp.sqrt(jnp.max(jnp.where(valid, v, 0.0), axis=1))
     m_inv = jnp.where(m_new_scale > 0, 1 / m_new_scale, 0.0)[:, None]
     v_inv = jnp.where(v_new_scale > 0, 1 / v_new_scale, 0.0)[:, None]
-    m_codes, v_codes = _encode(m, v, valid, m_inv, v_inv)
+    m_codes, v_codes = _encode(m, v, valid, m_inv, v_inv, code)
     if nesterov:
         m_hat = s.b1 * (m * s.inv_bc1_next) + s.one_minus_b1 * (g * s.inv_bc1)
     else:
@@ -79,7 +93,7 @@ def _group_step(
     return first, m_codes, m_new_scale, v_codes, v_new_scale
 
 
-def _kernel(starts, sizes, block, group, decay, nesterov, updates, scalars_ref, *refs):
+def _kernel(starts, sizes, block, group, decay, nesterov, updates, code, scalars_ref, *refs):
     """Program ``i`` does the ``group`` blocks of the leaf whose programs ``starts`` cover ``i``."""
     n_leaves = len(sizes)
     ins, outs = refs[: 6 * n_leaves], refs[6 * n_leaves :]
@@ -128,7 +142,9 @@ def _kernel(starts, sizes, block, group, decay, nesterov, updates, scalars_ref, 
             vc = plt.load(vc_ref.at[pl.ds(first, group), :], mask=row_mask, other=0)
             ms = plt.load(ms_ref.at[pl.ds(first, group)], mask=row_ok, other=0.0)
             vs = plt.load(vs_ref.at[pl.ds(first, group)], mask=row_ok, other=0.0)
-            p, mc, ms, vc, vs = _group_step(s, p, g, mc, ms, vc, vs, decay[k], nesterov, updates)
+            p, mc, ms, vc, vs = _group_step(
+                s, p, g, mc, ms, vc, vs, decay[k], nesterov, updates, code
+            )
             plt.store(p_out.at[elements], p.reshape(-1), mask=ok)
             plt.store(mc_out.at[pl.ds(first, group), :], mc, mask=row_mask)
             plt.store(vc_out.at[pl.ds(first, group), :], vc, mask=row_mask)
@@ -136,7 +152,7 @@ def _kernel(starts, sizes, block, group, decay, nesterov, updates, scalars_ref, 
             plt.store(vs_out.at[pl.ds(first, group)], vs, mask=row_ok)
 
 
-def _call(scalars, leaves, decay, nesterov, interpret, updates):
+def _call(scalars, leaves, decay, nesterov, interpret, updates, code):
     block = leaves[0][2].codes.shape[1]
     group = max(1, ELEMENTS_PER_PROGRAM // block)
     programs = [pl.cdiv(mu.codes.shape[0], group) for _, _, mu, _ in leaves]
@@ -149,7 +165,7 @@ def _call(scalars, leaves, decay, nesterov, interpret, updates):
         out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (ins[0], *ins[2:])]
         aliased = ((1 if updates else 0, 0), (2, 1), (3, 2), (4, 3), (5, 4))  # the update over g
         aliases |= {1 + 6 * k + j: 5 * k + o for j, o in aliased}
-    kernel = functools.partial(_kernel, starts, sizes, block, group, decay, nesterov, updates)
+    kernel = functools.partial(_kernel, starts, sizes, block, group, decay, nesterov, updates, code)
     flat = launch(kernel, operands, out_shape, aliases, starts[-1], "functional_adam_adam8",
                   NUM_WARPS, interpret)  # fmt: skip
     return [
@@ -162,7 +178,7 @@ def _call(scalars, leaves, decay, nesterov, interpret, updates):
     ]
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5, 6))
 def adam8_step(
     scalars: jax.Array,
     leaves: Sequence[Leaf8],
@@ -170,11 +186,12 @@ def adam8_step(
     nesterov: bool,
     interpret: bool = False,
     updates: bool = False,
+    code: str = "dynamic",
 ) -> list[tuple[jax.Array, BlockQuantized, BlockQuantized]]:
     """:func:`functional_adam.kernels.adam8_cpu.adam8_step` as a Pallas kernel (GPU, or interpreted).
 
     Leaves go in launches of :data:`LEAVES_PER_CALL` leaves with the same block size.
-    ``updates``: the first result of each leaf is the update, as there.
+    ``updates`` (the first result of each leaf is the update) and ``code``, as there.
     Differentiable through :func:`~functional_adam.kernels.adam8_cpu.reference_step`.
     """
     out = [None] * len(leaves)
@@ -191,6 +208,7 @@ def adam8_step(
                 nesterov,
                 interpret,
                 updates,
+                code,
             )
             for i, result in zip(part, results, strict=True):
                 out[i] = result
@@ -198,6 +216,10 @@ def adam8_step(
 
 
 @adam8_step.defjvp
-def _adam8_step_jvp(decay, nesterov, interpret, updates, primals, tangents):
+def _adam8_step_jvp(decay, nesterov, interpret, updates, code, primals, tangents):
     del interpret
-    return jax.jvp(lambda s, x: reference_step(s, x, decay, nesterov, updates), primals, tangents)
+
+    def reference(s, x):
+        return reference_step(s, x, decay, nesterov, updates, code)
+
+    return jax.jvp(reference, primals, tangents)

@@ -2,7 +2,9 @@
 
 :func:`adam8_chain` builds ``chain(scale_by_adam_8bit, [add_decayed_weights],
 scale_by_learning_rate)`` and, with it, the step that computes the same chain and
-the parameter update in one pass: on the CPU the C++ kernels (8-bit
+the parameter update in one pass (and, for a plain ``update`` on one device, the
+same pass writing the update ``-lr·(u [+ wd·θ])`` over the gradient instead of θ;
+the float32-moment leaves then in ``jax.numpy``): on the CPU the C++ kernels (8-bit
 leaves: :mod:`functional_adam.kernels.adam8_cpu`; leaves below ``min_8bit_size``,
 which keep float32 moments: :mod:`functional_adam.kernels.adam_cpu`), on one GPU
 the Pallas kernel (:mod:`functional_adam.kernels.adam8_gpu`; the float32-moment
@@ -102,7 +104,7 @@ def _where() -> str | None:
     return "gpu" if backend == "gpu" else None
 
 
-def _kernel_step(scalars, leaves, flags, nesterov, where, updates=False):
+def _kernel_step(scalars, leaves, flags, nesterov, where, updates=False, code="dynamic"):
     """New ``(θ, mu, nu)`` of every leaf (``updates``: the update instead of θ): 8-bit leaves
     in one kernel, plain ones in another (on a GPU, and for updates: in ``jax.numpy``,
     which XLA fuses into one loop per leaf)."""
@@ -114,16 +116,16 @@ def _kernel_step(scalars, leaves, flags, nesterov, where, updates=False):
         from functional_adam.kernels import adam8_gpu  # imports Pallas: only where it runs
 
         steps = {
-            True: lambda *args: adam8_gpu.adam8_step(*args, adam8_gpu.INTERPRET, updates),
+            True: lambda *args: adam8_gpu.adam8_step(*args, adam8_gpu.INTERPRET, updates, code),
             False: lambda *args: adam_cpu.reference_step(*args, updates),
         }
-    elif updates:
-        steps = {
-            True: lambda *args: adam8_cpu.adam8_step(*args, True, True),
-            False: lambda *args: adam_cpu.reference_step(*args, True),
-        }
     else:
-        steps = {True: adam8_cpu.adam8_step, False: adam_cpu.adam_step}
+        steps = {
+            True: lambda *args: adam8_cpu.adam8_step(*args, True, updates, code),
+            False: (lambda *args: adam_cpu.reference_step(*args, True))
+            if updates
+            else adam_cpu.adam_step,
+        }
     stacked = scalars.stack(jnp.float32)
     for quantized, index in groups.items():
         if not index:
@@ -149,12 +151,13 @@ def adam8_chain(
     learning_rate: ScalarOrSchedule,
     weight_decay: ScalarOrSchedule | None = None,
     mask: Any = None,
+    code: str = "dynamic",
 ) -> GradientTransformation:
     """``chain(direction, [add_decayed_weights,] scale_by_learning_rate)``, fusable.
 
     ``direction`` is ``scale_by_adam_8bit`` with these hyperparameters (Optax's
-    convention), whose state is a ``state_type``; ``weight_decay=None`` leaves the
-    decay stage out (Adam).
+    convention) and 8-bit ``code``, whose state is a ``state_type``; ``weight_decay=None``
+    leaves the decay stage out (Adam).
     """
     decay = () if weight_decay is None else (add_decayed_weights(weight_decay, mask),)
     lr_tx = scale_by_learning_rate(learning_rate)
@@ -186,7 +189,7 @@ def adam8_chain(
         if found is None:
             return None  # per-leaf or vector hyperparameters: the chain broadcasts them
         scalars, flags, decay_state, lr_state = found
-        out = _kernel_step(scalars, leaves, flags, nesterov, where, updates)
+        out = _kernel_step(scalars, leaves, flags, nesterov, where, updates, code)
         first, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
         return first, (state_type(count, mu, nu), *decay_state, lr_state)
 

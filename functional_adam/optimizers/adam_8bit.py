@@ -27,8 +27,13 @@ parameters, and ``u`` has the gradient's dtype.
 ``adam_8bit`` and ``adamw_8bit`` are fusable
 (:mod:`functional_adam.kernels.fused_adam8`): inside
 :func:`functional_adam.update_and_apply`, with float32 parameters on the CPU
-(with several devices, each on its shards), one pass of a compiled kernel per block decodes, steps, finds the new
-block maxima, encodes and writes θ, in place, with the same codes as the chain. The default ``block_size`` is
+(with several devices, each on its shards) or one GPU, one pass of a compiled kernel per
+block decodes, steps, finds the new block maxima, encodes and writes θ, in place, with
+the same codes as the chain. A plain ``update`` on one device takes the same kernel and
+writes the update over the gradient's buffer, so ``update`` + ``optax.apply_updates``
+(Flax's ``TrainState.apply_gradients``) is fast too; inside
+:func:`functional_adam.kernels.dispatch.reference_path` both take the chain's
+``jax.numpy`` path. The default ``block_size`` is
 256 (bitsandbytes' choice; 2048 is as fast here and slightly less accurate,
 see BENCHMARKS.md).
 
@@ -89,6 +94,7 @@ def scale_by_adam_8bit(
     min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
     nesterov: bool = False,
     convention: Convention = OPTAX,
+    code: str = "dynamic",
 ) -> GradientTransformation:
     r"""Rescales updates by Adam's ``m̂ / (sqrt(v̂ + eps_root) + eps)`` with 8-bit moments.
 
@@ -106,6 +112,10 @@ def scale_by_adam_8bit(
             Both sizes may be ints or 0-d integer arrays, as ``optax.inject_hyperparams``
             passes them; ``init`` needs them concrete, and ``update`` reads them from
             the state (so their traced copies in a jitted update are not used).
+        code: the 8-bit format: ``"dynamic"``, bitsandbytes' map (more precise near
+            each block's maximum), or ``"float"``, the top bits of the float32 of
+            ``x / scale`` (:mod:`~functional_adam.storage.float_codes`; faster to
+            encode and decode). A state is read with the code it was written with.
 
     Returns:
         A ``GradientTransformation`` with state :class:`ScaleByAdam8bitState`.
@@ -122,7 +132,7 @@ def scale_by_adam_8bit(
     """
     hyper = AdamHyperparameters(b1, b2, eps, eps_root, nesterov, convention)
     optimizer = adam_optimizer(hyper, mu_dtype, nu_dtype)
-    storage = BlockStorage(block_size, min_8bit_size).checked()
+    storage = BlockStorage(block_size, min_8bit_size, code).checked()
     return lift(optimizer._replace(state_type=ScaleByAdam8bitState), storage)
 
 
@@ -138,6 +148,7 @@ def adam_8bit(
     nu_dtype: Any | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+    code: str = "dynamic",
 ) -> GradientTransformation:
     r"""Adam with 8-bit block-quantized moments: :func:`adam`'s signature plus ``block_size``.
 
@@ -147,7 +158,7 @@ def adam_8bit(
     Args:
         learning_rate: a non-negative float, array, or schedule ``count -> lr``.
         b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, block_size,
-            min_8bit_size: see :func:`scale_by_adam_8bit`.
+            min_8bit_size, code: see :func:`scale_by_adam_8bit`.
 
     Returns:
         A ``GradientTransformation``.
@@ -164,11 +175,11 @@ def adam_8bit(
     """
     direction = scale_by_adam_8bit(
         b1, b2, eps, eps_root, mu_dtype, nu_dtype,
-        block_size=block_size, min_8bit_size=min_8bit_size, nesterov=nesterov,
+        block_size=block_size, min_8bit_size=min_8bit_size, nesterov=nesterov, code=code,
     )  # fmt: skip
     return adam8_chain(
         direction, ScaleByAdam8bitState, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-        nesterov=nesterov, learning_rate=learning_rate,
+        nesterov=nesterov, learning_rate=learning_rate, code=code,
     )  # fmt: skip
 
 
@@ -186,6 +197,7 @@ def adamw_8bit(
     nu_dtype: Any | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+    code: str = "dynamic",
 ) -> GradientTransformation:
     r"""AdamW with 8-bit block-quantized moments: :func:`adamw`'s signature plus ``block_size``.
 
@@ -195,7 +207,7 @@ def adamw_8bit(
     Args:
         learning_rate, weight_decay, mask: as in :func:`functional_adam.adamw`.
         b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, block_size,
-            min_8bit_size: see :func:`scale_by_adam_8bit`.
+            min_8bit_size, code: see :func:`scale_by_adam_8bit`.
 
     Returns:
         ``chain(scale_by_adam_8bit, add_decayed_weights, scale_by_learning_rate)``.
@@ -211,9 +223,10 @@ def adamw_8bit(
     """
     direction = scale_by_adam_8bit(
         b1, b2, eps, eps_root, mu_dtype, nu_dtype,
-        block_size=block_size, min_8bit_size=min_8bit_size, nesterov=nesterov,
+        block_size=block_size, min_8bit_size=min_8bit_size, nesterov=nesterov, code=code,
     )  # fmt: skip
     return adam8_chain(
         direction, ScaleByAdam8bitState, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
         nesterov=nesterov, learning_rate=learning_rate, weight_decay=weight_decay, mask=mask,
+        code=code,
     )  # fmt: skip

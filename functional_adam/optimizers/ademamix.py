@@ -235,11 +235,13 @@ def ademamix_8bit(
     nu_dtype: Any | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+    code: str = "dynamic",
 ) -> GradientTransformation:
     r"""AdEMAMix with ``m1``, ``m2`` and ``ν`` in 8-bit blocks: :func:`ademamix` plus ``block_size``.
 
     About 3 bytes of state per parameter instead of 12; leaves of fewer than
-    ``min_8bit_size`` elements keep plain moments.
+    ``min_8bit_size`` elements keep plain moments. ``code``: the 8-bit format, as in
+    :func:`functional_adam.scale_by_adam_8bit`.
 
     Example:
         >>> import jax.numpy as jnp
@@ -249,7 +251,7 @@ def ademamix_8bit(
         >>> state[0].m2["w"].codes.dtype, state[0].nu["w"].codes.dtype
         (dtype('int8'), dtype('uint8'))
     """
-    storage = BlockStorage(block_size, min_8bit_size).checked()
+    storage = BlockStorage(block_size, min_8bit_size, code).checked()
     return _ademamix_chain(storage, learning_rate, b1, b2, b3, alpha, eps, eps_root, mu_dtype,
                            nu_dtype, weight_decay, mask)  # fmt: skip
 

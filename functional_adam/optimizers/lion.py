@@ -157,12 +157,14 @@ def lion_8bit(
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
     min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+    code: str = "dynamic",
 ) -> GradientTransformation:
     r"""Lion with its momentum in 8-bit blocks: :func:`lion`'s signature plus ``block_size``.
 
-    ``lift(lion_optimizer(...), BlockStorage(block_size, min_8bit_size))``: about
+    ``lift(lion_optimizer(...), BlockStorage(block_size, min_8bit_size, code))``: about
     1 byte of state per parameter instead of 4 (leaves of fewer than
     ``min_8bit_size`` elements keep a plain momentum, of ``mu_dtype`` if given).
+    ``code``: the 8-bit format, as in :func:`functional_adam.scale_by_adam_8bit`.
 
     Example:
         >>> import jax.numpy as jnp
@@ -172,5 +174,5 @@ def lion_8bit(
         >>> state[0].mu["w"].codes.dtype, state[0].mu["b"].dtype
         (dtype('int8'), dtype('float32'))
     """
-    storage = BlockStorage(block_size, min_8bit_size).checked()
+    storage = BlockStorage(block_size, min_8bit_size, code).checked()
     return _lion_chain(storage, learning_rate, b1, b2, mu_dtype, weight_decay, mask)

@@ -51,6 +51,7 @@ from functional_adam.storage.codec import decode_codes_by_rule, make_codec
 from functional_adam.storage.quantized import (
     BlockQuantized,
     check_block_size,
+    check_code,
     decode_blocks,
     decode_second_moment,
     encode_second_moment_with_scale,
@@ -75,21 +76,26 @@ def check_min_size(min_8bit_size: int) -> int:
     return min_8bit_size
 
 
-def _decode(q: BlockQuantized, squared: bool, by_rule: bool = False) -> jax.Array:
-    if by_rule:
+def _decode(
+    q: BlockQuantized, squared: bool, by_rule: bool = False, code: str = "dynamic"
+) -> jax.Array:
+    if by_rule and code == "dynamic":
         value = decode_codes_by_rule(q.codes, make_codec(not squared)) * q.scale[..., None]
         return jnp.square(value) if squared else value
-    return decode_second_moment(q) if squared else decode_blocks(q, signed=True)
+    return decode_second_moment(q, code) if squared else decode_blocks(q, signed=True, code=code)
 
 
-def encode_moments(moments: tuple, squared: tuple, by_rule: bool = False) -> tuple:
+def encode_moments(
+    moments: tuple, squared: tuple, by_rule: bool = False, code: str = "dynamic"
+) -> tuple:
     """Encodes the new moments of some blocks; an element is valid if all its moments are finite.
 
     So an element whose second moment overflowed (``|g| > 1.8e19`` in float32)
     or whose gradient was not finite saturates in every moment, and its block's
     scales are set by the other elements (see :mod:`~functional_adam.storage.quantized`).
     The scales of all moments come from one reduction (one pass over the blocks),
-    over the last axis (blocks may have leading axes: the shard-major layout).
+    over the last axis (blocks may have leading axes: the shard-major layout). ``code``:
+    the code format (:data:`~functional_adam.storage.quantized.CODES`).
     """
     # The codes' scales are float32, also for float64 parameters.
     moments = tuple(x.astype(jnp.float32) for x in moments)
@@ -117,10 +123,10 @@ def encode_moments(moments: tuple, squared: tuple, by_rule: bool = False) -> tup
     for x, sq, top in zip(moments, squared, maxima, strict=True):
         if sq:
             scale = jnp.sqrt(top)
-            codes = encode_second_moment_with_scale(x, scale, valid, by_rule=by_rule)
+            codes = encode_second_moment_with_scale(x, scale, valid, by_rule=by_rule, code=code)
             out.append(BlockQuantized(codes, scale))
         else:
-            codes = encode_with_scale(x, top, valid, signed=True, by_rule=by_rule)
+            codes = encode_with_scale(x, top, valid, signed=True, by_rule=by_rule, code=code)
             out.append(BlockQuantized(codes, top))
     return tuple(out)
 
@@ -144,10 +150,13 @@ class BlockStorage(NamedTuple):
         block_size: elements per block (one float32 absmax each), a power of two.
         min_8bit_size: smaller leaves keep plain moments (float32 for 16- and
             32-bit parameters, or the dtype their :class:`Moment` asks for).
+        code: the 8-bit format, ``"dynamic"`` (bitsandbytes' map) or ``"float"``
+            (:mod:`~functional_adam.storage.float_codes`).
     """
 
     block_size: int = DEFAULT_BLOCK_SIZE
     min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE
+    code: str = "dynamic"
 
     def checked(self) -> BlockStorage:
         """This storage with Python ints, or a ``ValueError`` naming the argument at fault.
@@ -159,6 +168,7 @@ class BlockStorage(NamedTuple):
         return BlockStorage(
             _unless_traced(check_block_size, self.block_size),
             _unless_traced(check_min_size, self.min_8bit_size),
+            check_code(self.code),
         )
 
     def quantizes(self, param: Any) -> bool:
@@ -213,16 +223,16 @@ class BlockStorage(NamedTuple):
             error = shard_blocks.layout_error(g.shape, codes_shape, codes_shape[-1], g)
             if error:
                 raise LeafError(error)
-            return _shard_major_step(step, g, stored, scalars, squared)
+            return _shard_major_step(step, g, stored, scalars, squared, self.code)
         error = shard_blocks.flat_layout_error(g, codes_shape)
         if error:
             raise LeafError(error)
         chunked = jax.default_backend() == "cpu" and g.size > _CHUNKED_MIN_SIZE
-        return _quantized_step(step, g, stored, scalars, squared, chunked)
+        return _quantized_step(step, g, stored, scalars, squared, chunked, self.code)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))  # eager steps round as jitted ones do
-def _quantized_step(step, g, stored, scalars, squared, chunked: bool):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))  # eager steps round as jitted ones do
+def _quantized_step(step, g, stored, scalars, squared, chunked: bool, code: str):
     """One ``step`` of a quantized leaf: ``(u, new stored moments)``.
 
     ``u`` is elementwise in ``g`` and the old codes, so XLA fuses it into its
@@ -233,21 +243,22 @@ def _quantized_step(step, g, stored, scalars, squared, chunked: bool):
     fuses into a reduction and an encoding, each recomputing decode and step.
     """
     if chunked:
-        out = _chunked_codes(step, g, stored, scalars, squared)
+        out = _chunked_codes(step, g, stored, scalars, squared, code)
     else:
         n_blocks, block_size = stored[0].codes.shape
         flat = jnp.pad(g.reshape(-1), (0, n_blocks * block_size - g.size))
-        out = _blocks_step(step, flat.reshape(n_blocks, block_size), stored, scalars, squared)
+        blocks = flat.reshape(n_blocks, block_size)
+        out = _blocks_step(step, blocks, stored, scalars, squared, code=code)
     moments = tuple(
-        _decode(q, sq, chunked).reshape(-1)[: g.size].reshape(g.shape)
+        _decode(q, sq, chunked, code).reshape(-1)[: g.size].reshape(g.shape)
         for q, sq in zip(stored, squared, strict=True)
     )
     u = step(g, moments, scalars)[0]
     return cast(u, g.dtype), out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _shard_major_step(step, g, stored, scalars, squared):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _shard_major_step(step, g, stored, scalars, squared, code):
     """:func:`_quantized_step` for shard-major blocks: each shard's blocks on their own.
 
     All blocks are stepped in one vectorized expression (no chunked loop): XLA
@@ -255,27 +266,27 @@ def _shard_major_step(step, g, stored, scalars, squared):
     """
     shards = stored[0].codes.shape[: g.ndim]
     g_blocks = shard_blocks.to_blocks(g, shards, stored[0].codes.shape[-1])
-    out = _blocks_step(step, g_blocks, stored, scalars, squared)
+    out = _blocks_step(step, g_blocks, stored, scalars, squared, code=code)
     moments = tuple(
-        shard_blocks.from_blocks(_decode(q, sq), g.shape)
+        shard_blocks.from_blocks(_decode(q, sq, code=code), g.shape)
         for q, sq in zip(stored, squared, strict=True)
     )
     u = step(g, moments, scalars)[0]
     return cast(u, g.dtype), out
 
 
-def _blocks_step(step, g_blocks, old, scalars, squared, by_rule=False) -> tuple:
+def _blocks_step(step, g_blocks, old, scalars, squared, by_rule=False, code="dynamic") -> tuple:
     """The new stored moments of some blocks: decode, ``step``, encode (one reduction).
 
     ``by_rule`` (the CPU's chunks): the codec's arithmetic instead of its tables, and plain
     reductions, which XLA:CPU runs faster (the same codes and scales).
     """
-    moments = tuple(_decode(q, sq, by_rule) for q, sq in zip(old, squared, strict=True))
+    moments = tuple(_decode(q, sq, by_rule, code) for q, sq in zip(old, squared, strict=True))
     _, new = step(g_blocks, moments, scalars)
-    return encode_moments(new, squared, by_rule)
+    return encode_moments(new, squared, by_rule, code)
 
 
-def _chunked_codes(step, g, stored, scalars, squared) -> tuple:
+def _chunked_codes(step, g, stored, scalars, squared, code) -> tuple:
     """:func:`_blocks_step` in a loop over chunks of 64K elements, without full-size temporaries.
 
     The loop reads ``g`` and the old codes and writes the new codes into buffers
@@ -295,7 +306,8 @@ def _chunked_codes(step, g, stored, scalars, squared) -> tuple:
         start = i * chunk
         g_chunk = jax.lax.dynamic_slice_in_dim(flat, start * block_size, chunk * block_size)
         old = tuple(_slice_blocks(q, start, chunk) for q in stored)
-        new = _blocks_step(step, g_chunk.reshape(chunk, block_size), old, scalars, squared, True)
+        blocks = g_chunk.reshape(chunk, block_size)
+        new = _blocks_step(step, blocks, old, scalars, squared, True, code)
         return tuple(_set_blocks(c, start, n) for c, n in zip(carry, new, strict=True))
 
     if looped:
@@ -303,6 +315,6 @@ def _chunked_codes(step, g, stored, scalars, squared) -> tuple:
     if looped < n_blocks:
         tail = jnp.pad(flat[looped * block_size :], (0, n_blocks * block_size - size))
         old = tuple(jax.tree.map(lambda a: a[looped:], q) for q in stored)
-        new = _blocks_step(step, tail.reshape(-1, block_size), old, scalars, squared, True)
+        new = _blocks_step(step, tail.reshape(-1, block_size), old, scalars, squared, True, code)
         out = tuple(_set_blocks(c, looped, n) for c, n in zip(out, new, strict=True))
     return out

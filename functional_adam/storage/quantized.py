@@ -13,6 +13,9 @@ so ``|x_i - x̂_i| <= s · (Q_{k+1} - Q_k) / 2`` for the two map entries around
 
 The map is bitsandbytes' *dynamic* map; its tables, and how a nearest code is
 found by two small table look-ups, are in :mod:`functional_adam.storage.codec`.
+``code="float"`` selects the other format, whose codes are the top bits of the
+float32 of ``x / s`` (:mod:`functional_adam.storage.float_codes`), with the same
+scales, code dtypes and saturation policy.
 
 Codes: the unsigned map stores its sorted index as ``uint8``. The signed map
 stores ``int8(index - 127)`` wrapped to 8 bits, so that code 0 is 0.0, code
@@ -40,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from functional_adam.core.checks import static_int
+from functional_adam.storage import float_codes
 from functional_adam.storage.codec import (  # noqa: F401  (dynamic_map, make_codec: public here too)
     decode_codes,
     dynamic_map,
@@ -59,6 +63,23 @@ class BlockQuantized(NamedTuple):
     # (S_0, ..., S_{r-1}, n_local_blocks, block_size): functional_adam.storage.shard_blocks
     codes: jax.Array
     scale: jax.Array  # float32, the codes' shape without block_size: each block's absolute maximum
+
+
+CODES = ("dynamic", "float")
+
+
+def check_code(code: str) -> str:
+    """``code`` if it names a code format (:data:`CODES`), else a ``ValueError`` naming it.
+
+    Example:
+        >>> check_code("fp8")
+        Traceback (most recent call last):
+        ...
+        ValueError: code must be one of ('dynamic', 'float'), got 'fp8'
+    """
+    if not isinstance(code, str) or code not in CODES:
+        raise ValueError(f"code must be one of {CODES}, got {code!r}")
+    return code
 
 
 def check_block_size(block_size: int, name: str = "block_size") -> int:
@@ -94,14 +115,17 @@ def _blocks(x: jax.Array, block_size: int) -> jax.Array:
     return jnp.pad(flat, (0, pad)).reshape(-1, block_size)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "signed"))
-def quantize(x: jax.Array, block_size: int, *, signed: bool) -> BlockQuantized:
+@functools.partial(jax.jit, static_argnames=("block_size", "signed", "code"))
+def quantize(
+    x: jax.Array, block_size: int, *, signed: bool, code: str = "dynamic"
+) -> BlockQuantized:
     """Encodes a real array block-wise with the dynamic map (see the module docstring).
 
     Args:
         x: a real array of any shape (values must be >= 0 when ``signed=False``).
         block_size: elements per block, a positive power of two.
         signed: use the signed map (int8 codes) or the unsigned one (uint8 codes).
+        code: ``"dynamic"`` (the map) or ``"float"`` (float codes).
 
     Returns:
         :class:`BlockQuantized` with codes of shape ``(ceil(x.size / block_size), block_size)``.
@@ -118,11 +142,11 @@ def quantize(x: jax.Array, block_size: int, *, signed: bool) -> BlockQuantized:
         Array([-1.985938,  0.      ,  0.495312,  2.      ], dtype=float32)
     """
     blocks = _blocks(jnp.asarray(x, jnp.float32), check_block_size(block_size))
-    return encode_blocks(blocks, signed=signed)
+    return encode_blocks(blocks, signed=signed, code=check_code(code))
 
 
 def encode_blocks(
-    blocks: jax.Array, *, signed: bool, valid: jax.Array | None = None
+    blocks: jax.Array, *, signed: bool, valid: jax.Array | None = None, code: str = "dynamic"
 ) -> BlockQuantized:
     """:func:`quantize` of an array already shaped ``(n_blocks, block_size)`` (float32).
 
@@ -132,6 +156,7 @@ def encode_blocks(
         valid: which elements count for the scale (boolean, the shape of
             ``blocks``); default: the finite ones. The others saturate (module
             docstring).
+        code: ``"dynamic"`` or ``"float"``.
 
     Returns:
         :class:`BlockQuantized`; every scale is finite.
@@ -148,7 +173,7 @@ def encode_blocks(
     """
     valid = jnp.isfinite(blocks) if valid is None else valid
     scale = jnp.max(jnp.where(valid, jnp.abs(blocks), 0.0), axis=1, initial=0.0)
-    return BlockQuantized(encode_with_scale(blocks, scale, valid, signed=signed), scale)
+    return BlockQuantized(encode_with_scale(blocks, scale, valid, signed=signed, code=code), scale)
 
 
 def encode_with_scale(
@@ -158,6 +183,7 @@ def encode_with_scale(
     *,
     signed: bool,
     by_rule: bool = False,
+    code: str = "dynamic",
 ) -> jax.Array:
     """The codes of ``blocks`` (float32, ``(n_blocks, block_size)``) for the given ``scale``.
 
@@ -167,11 +193,17 @@ def encode_with_scale(
     scales first and encode in a second sweep over data in cache. ``by_rule``: find
     the codes with :func:`~functional_adam.storage.codec.nearest_index_by_rule`
     (the same codes; faster to run on a CPU, slower to compile) instead of the tables.
+    ``code="float"``: float codes (:mod:`~functional_adam.storage.float_codes`).
     """
-    codec = make_codec(signed)
     inverse = jnp.where(scale > 0, 1 / scale, 0.0)[..., None]
     saturated = jnp.where(jnp.isnan(blocks), 0.0, 1.0) if signed else 1.0
     a = jnp.where(valid, jnp.abs(blocks) * inverse, saturated)
+    if code == "float":
+        q = float_codes.encode(a, signed)
+        if not signed:
+            return q.astype(jnp.uint8)
+        return jnp.where(blocks < 0, -q, q).astype(jnp.int8)
+    codec = make_codec(signed)
     index = (nearest_index_by_rule if by_rule else nearest_index)(a, codec)
     if not signed:
         return index.astype(jnp.uint8)
@@ -180,12 +212,20 @@ def encode_with_scale(
     return jax.lax.bitcast_convert_type((code & 0xFF).astype(jnp.uint8), jnp.int8)
 
 
-def decode_blocks(q: BlockQuantized, *, signed: bool) -> jax.Array:
+def decode_blocks(q: BlockQuantized, *, signed: bool, code: str = "dynamic") -> jax.Array:
     """The float32 values of ``q``, shaped ``(n_blocks, block_size)`` like its codes."""
-    return decode_codes(q.codes, make_codec(signed)) * q.scale[..., None]
+    if code == "float":
+        k = q.codes.astype(jnp.int32)
+        magnitude = float_codes.decode(jnp.abs(k), signed)
+        values = jnp.where(k < 0, -magnitude, magnitude)
+    else:
+        values = decode_codes(q.codes, make_codec(signed))
+    return values * q.scale[..., None]
 
 
-def encode_second_moment(v: jax.Array, valid: jax.Array | None = None) -> BlockQuantized:
+def encode_second_moment(
+    v: jax.Array, valid: jax.Array | None = None, code: str = "dynamic"
+) -> BlockQuantized:
     """``v`` (``(n, block_size)`` blocks, >= 0) stored as the unsigned codes of ``sqrt(v)``.
 
     Two departures from storing ``v`` itself, both against the "zero-point
@@ -209,25 +249,32 @@ def encode_second_moment(v: jax.Array, valid: jax.Array | None = None) -> BlockQ
     valid = jnp.isfinite(v) if valid is None else valid
     # max sqrt(v) is sqrt(max v) (sqrt is monotonic and correctly rounded): one sqrt per block.
     scale = jnp.sqrt(jnp.max(jnp.where(valid, v, 0.0), axis=1, initial=0.0))
-    return BlockQuantized(encode_second_moment_with_scale(v, scale, valid), scale)
+    return BlockQuantized(encode_second_moment_with_scale(v, scale, valid, code=code), scale)
 
 
 def encode_second_moment_with_scale(
-    v: jax.Array, scale: jax.Array, valid: jax.Array, *, by_rule: bool = False
+    v: jax.Array,
+    scale: jax.Array,
+    valid: jax.Array,
+    *,
+    by_rule: bool = False,
+    code: str = "dynamic",
 ) -> jax.Array:
     """The codes of :func:`encode_second_moment` for ``scale = sqrt(max v)`` over the valid ``v``."""
     root = jnp.sqrt(v)
-    codes = encode_with_scale(root, scale, valid, signed=False, by_rule=by_rule)
+    codes = encode_with_scale(root, scale, valid, signed=False, by_rule=by_rule, code=code)
     return jnp.where((root > 0) & (codes == 0), jnp.uint8(1), codes)
 
 
-def decode_second_moment(q: BlockQuantized) -> jax.Array:
+def decode_second_moment(q: BlockQuantized, code: str = "dynamic") -> jax.Array:
     """The inverse of :func:`encode_second_moment`: ``v`` as float32 blocks."""
-    return jnp.square(decode_blocks(q, signed=False))
+    return jnp.square(decode_blocks(q, signed=False, code=code))
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "signed"))
-def dequantize(q: BlockQuantized, shape: tuple[int, ...], *, signed: bool) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("shape", "signed", "code"))
+def dequantize(
+    q: BlockQuantized, shape: tuple[int, ...], *, signed: bool, code: str = "dynamic"
+) -> jax.Array:
     """Decodes :func:`quantize`'s output to a float32 array of ``shape``.
 
     Example:
@@ -239,7 +286,7 @@ def dequantize(q: BlockQuantized, shape: tuple[int, ...], *, signed: bool) -> ja
         Array([[0.  , 1.01, 2.  ],
                [3.  , 4.  , 5.  ]], dtype=float32)
     """
-    values = decode_blocks(q, signed=signed)
+    values = decode_blocks(q, signed=signed, code=check_code(code))
     return values.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 
