@@ -24,6 +24,9 @@ chunks (the CPU form for leaves over 4M).
     python benchmarks/adam_8bit.py --size 1e8 --gpt2-steps   # on a GPU: also the GPT-2 step
     python benchmarks/adam_8bit.py --no-compile          # step times only
 
+Rows for ``code="float"`` (float codes, :mod:`functional_adam.storage.float_codes`) time
+the other 8-bit format the same ways.
+
 ``--gpt2-steps`` adds a third table: ms per step on the GPT-2 small tree.
 """
 
@@ -100,6 +103,21 @@ METHODS: dict[str, tuple[Callable[[], fa.GradientTransformation], str, float | N
         "apply",
         None,
     ),
+    'fa.adam_8bit(code="float"), XLA path': (
+        lambda: fa.adam_8bit(1e-3, code="float"),
+        "xla",
+        None,
+    ),
+    'fa.adam_8bit(code="float"), update + apply_updates': (
+        lambda: fa.adam_8bit(1e-3, code="float"),
+        "update",
+        None,
+    ),
+    'fa.adam_8bit(code="float"), update_and_apply': (
+        lambda: fa.adam_8bit(1e-3, code="float"),
+        "apply",
+        None,
+    ),
 }
 COMPILE_ONLY = {
     "fa.adam_8bit, XLA path, every leaf one expression": (
@@ -108,6 +126,11 @@ COMPILE_ONLY = {
         float("inf"),
     ),
     "fa.adam_8bit, XLA path, every leaf in chunks": (lambda: fa.adam_8bit(1e-3), "xla", 0),
+    'fa.adam_8bit(code="float"), XLA path, every leaf one expression': (
+        lambda: fa.adam_8bit(1e-3, code="float"),
+        "xla",
+        float("inf"),
+    ),
 }
 REFERENCE = "fa.adam, update_and_apply"
 

@@ -37,6 +37,8 @@ DEFAULT_LR = {
     "nadamw": 2e-3,
     "adam_8bit": 1e-3,
     "adamw_8bit": 1e-3,
+    "adam_8bit_float": 1e-3,
+    "adamw_8bit_float": 1e-3,
     "adamax": 2e-3,  # Kingma & Ba §7.1; torch.optim.Adamax
     "adamaxw": 2e-3,
     "radam": 1e-3,  # torch.optim.RAdam

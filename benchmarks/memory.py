@@ -184,6 +184,7 @@ def table_quality(steps: int) -> None:
             "adam, bfloat16 moments": fa.adam(lr, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
             "adam_8bit, block_size=256": fa.adam_8bit(lr, block_size=256),
             "adam_8bit, block_size=2048": fa.adam_8bit(lr, block_size=2048),
+            'adam_8bit, code="float"': fa.adam_8bit(lr, code="float"),
         }
         for name, tx in variants.items():
             w = train(tx, w0, loss, steps)

@@ -84,6 +84,12 @@ COMPOSITES: dict[str, Callable[..., fa.GradientTransformation]] = {
 """Optimizers that are chains rather than one constructor: the cautious mask (arXiv 2411.16085)
 on Adam's and Lion's directions, with AdamW's and Lion's default decays."""
 
+FLOAT_CODES: dict[str, Callable[..., fa.GradientTransformation]] = {
+    "adam_8bit_float": lambda learning_rate: fa.adam_8bit(learning_rate, code="float"),
+    "adamw_8bit_float": lambda learning_rate: fa.adamw_8bit(learning_rate, code="float"),
+}
+"""8-bit Adam and AdamW with float codes instead of the dynamic map (``code="float"``)."""
+
 PARAM_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 LOOPS: tuple[str, ...] = ("step", "scan")
@@ -115,6 +121,8 @@ def optimizer_table() -> dict[str, Callable[..., fa.GradientTransformation]]:
                 break
     if hasattr(fa, "cautious"):
         table.update(COMPOSITES)
+    if "code" in inspect.signature(fa.adam_8bit).parameters:
+        table.update(FLOAT_CODES)
     return table
 
 

@@ -61,9 +61,7 @@ def _encode(m, v, valid, m_inv, v_inv, code):
 def _decode(codes, signed: bool, code: str):
     """The values in [-1, 1] of some blocks' codes (without their scales)."""
     if code == "float":
-        k = codes.astype(jnp.int32)
-        magnitude = float_codes.decode(jnp.abs(k), signed)
-        return jnp.where(k < 0, -magnitude, magnitude)
+        return float_codes.decode_codes(codes, signed)
     return decode_codes_by_rule(codes, make_codec(signed))
 
 

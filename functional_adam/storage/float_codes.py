@@ -64,3 +64,12 @@ def decode(q: jax.Array, signed: bool) -> jax.Array:
     q = q.astype(jnp.int32)
     value = jax.lax.bitcast_convert_type((q + base) << shift, jnp.float32)
     return jnp.where(q > 0, value, 0.0)
+
+
+def decode_codes(codes: jax.Array, signed: bool) -> jax.Array:
+    """The float32 values in [-1, 1] of int8 (signed, ``±q``) or uint8 (unsigned) codes."""
+    if not signed:
+        return decode(codes, False)
+    k = codes.astype(jnp.int32)
+    magnitude = decode(jnp.abs(k), True)
+    return jnp.where(k < 0, -magnitude, magnitude)

@@ -215,9 +215,7 @@ def encode_with_scale(
 def decode_blocks(q: BlockQuantized, *, signed: bool, code: str = "dynamic") -> jax.Array:
     """The float32 values of ``q``, shaped ``(n_blocks, block_size)`` like its codes."""
     if code == "float":
-        k = q.codes.astype(jnp.int32)
-        magnitude = float_codes.decode(jnp.abs(k), signed)
-        values = jnp.where(k < 0, -magnitude, magnitude)
+        values = float_codes.decode_codes(q.codes, signed)
     else:
         values = decode_codes(q.codes, make_codec(signed))
     return values * q.scale[..., None]
