@@ -125,3 +125,14 @@ def test_inject_hyperparams_takes_the_code_as_a_static_argument():
 def test_an_unknown_code_is_refused_by_name(make):
     with pytest.raises(ValueError, match=r"code must be one of \('dynamic', 'float'\)"):
         make()
+
+
+def test_lion_8bit_stores_its_momentum_in_float_codes():
+    tx = fa.lion_8bit(1e-3, code="float", min_8bit_size=0, block_size=64)
+    p = jnp.linspace(-1.0, 1.0, 128)
+    g = jnp.cos(5 * p)
+    _, state = tx.update(g, tx.init(p), p)
+    mu = state[0].mu
+    stored = qz.dequantize(mu, (128,), signed=True, code="float")
+    np.testing.assert_allclose(stored, 0.01 * g, rtol=1 / 16, atol=1e-9)  # mu = (1 - b2)·g
+    assert -128 not in np.asarray(mu.codes)  # the dynamic map's code of +1 (each block's max)

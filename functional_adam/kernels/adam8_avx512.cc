@@ -69,7 +69,8 @@ template <bool kSigned>
 inline __m512 FloatDecodeV(__m512i q) {
   using C = FloatCode<kSigned>;
   const __m512i bits = _mm512_add_epi32(q, _mm512_set1_epi32(C::kBase));
-  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(_mm512_test_epi32_mask(q, q), bits, C::kShift));
+  const __mmask16 nonzero = _mm512_test_epi32_mask(q, q);
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(nonzero, bits, C::kShift));
 }
 
 // q = (bits(a) + round) >> shift, not yet clamped (a in [0, 1]).
@@ -155,7 +156,8 @@ inline void MomentsV(const Params& s, const MapV& mm, const MapV& vm, const Leaf
   if (x.updates && !x.decay) {  // the update alone: θ is not read
     p_new = _mm512_mul_ps(_mm512_set1_ps(s.neg_lr), u);
   } else {
-    const __m512 p = kMasked ? _mm512_maskz_loadu_ps(real, x.p_in + at) : _mm512_loadu_ps(x.p_in + at);
+    const __m512 p =
+        kMasked ? _mm512_maskz_loadu_ps(real, x.p_in + at) : _mm512_loadu_ps(x.p_in + at);
     if (x.decay) u = _mm512_fmadd_ps(_mm512_set1_ps(s.wd), p, u);
     p_new = x.updates ? _mm512_mul_ps(_mm512_set1_ps(s.neg_lr), u)
                       : _mm512_fmadd_ps(_mm512_set1_ps(s.neg_lr), u, p);
@@ -266,7 +268,7 @@ void BlocksVector(const Params& s, const MapV& mm, const MapV& vm, const Map& m_
       Sweeps<kNesterov, false, kFloat>(s, mm, vm, x, b, M, V, before, &m_max, &v_max);
     }
     pending = m_max <= FLT_MAX && v_max <= FLT_MAX;
-    if (!pending) [[unlikely]] {  // M and V are the scalar code's (g may be gone: `updates`)
+    if (!pending) [[unlikely]] {  // M and V hold the block's moments (with `updates`, g is gone)
       EncodeScalar<kFloat>(m_map, v_map, x, b, M, V);
       continue;
     }

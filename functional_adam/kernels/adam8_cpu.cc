@@ -401,9 +401,8 @@ ffi::Error Adam8Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 1> scalars,
   int64_t largest = 1;
   for (size_t k = 0; k < num_leaves; ++k) {
     Leaf leaf;
-    if (ffi::Error error = ReadLeaf(args, rets, k, decay[k] != 0, updates, &leaf); error.failure()) {
-      return error;
-    }
+    ffi::Error error = ReadLeaf(args, rets, k, decay[k] != 0, updates, &leaf);
+    if (error.failure()) return error;
     work->leaves.push_back(leaf);
     work->starts.push_back(work->starts.back() + (leaf.block ? (leaf.size + leaf.block - 1) / leaf.block : 0));
     largest = std::max(largest, leaf.block);
