@@ -18,8 +18,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import functional_adam as fa
+from functional_adam.kernels import adam8_gpu, fused_adam8
 from tests import mesh_layouts as ml
-from tests.trees import assert_within_ulps
+from tests.trees import assert_within_ulps, spy_leaf_counts
 
 TARGET = 'custom_call_target="functional_adam_adam_f32"'
 LR = 1e-2
@@ -31,7 +32,7 @@ def _eight_devices():
 
 
 def _xla_step(tx):
-    return jax.jit(ml.step_fn(tx, "update"))
+    return jax.jit(ml.step_fn(tx, "xla"))
 
 
 def _kernel_hlo(step, *args) -> str:
@@ -56,12 +57,13 @@ def _assert_close_to_xla(new, reference):
     assert_within_ulps(new[0], reference[0], 4, scale_floor=LR)
 
 
-def _one_device_step(tx, params, state, grads):
-    """``update_and_apply`` on copies of the arrays on one device (the kernel, unpartitioned)."""
+def _one_device_step(tx, params, state, grads, target='custom_call_target="functional_adam_adam'):
+    """``update_and_apply`` on copies of the arrays on one device (the kernel, unpartitioned;
+    ``target``: in its HLO)."""
     one = jax.devices()[0]
     args = jax.tree.map(lambda x: jax.device_put(np.asarray(x), one), (params, state, grads))
     step = jax.jit(ml.step_fn(tx, "update_and_apply"))
-    assert 'custom_call_target="functional_adam_adam' in step.lower(*args).compile().as_text()
+    assert target in step.lower(*args).compile().as_text()
     return jax.block_until_ready(step(*args))
 
 
@@ -300,3 +302,33 @@ def test_8bit_kernel_on_explicit_axes():
         new = jax.block_until_ready(step(params, state, grads))
     ml.assert_same_shardings(new, shardings)
     chex.assert_trees_all_equal(jax.device_get(new), jax.device_get(one_device))
+
+
+@pytest.mark.parametrize(("mesh_shape", "layout"), [((8, 1), "fsdp"), ((2, 4), "tp")], ids=str)
+def test_pallas_8bit_kernel_per_shard(mesh_shape, layout, monkeypatch):
+    """On several GPUs each device launches the Pallas 8-bit kernel on its shards (here
+    interpreted on the CPU devices): nothing moves, the shardings are kept, and the step is
+    bitwise the same kernel's on one device, and the XLA path's within a code and 4 ulps."""
+    monkeypatch.setattr(fused_adam8, "_where", lambda: "gpu")
+    monkeypatch.setattr(adam8_gpu, "INTERPRET", True)
+    calls = spy_leaf_counts(monkeypatch, adam8_gpu, "adam8_step")
+    mesh = ml.make_mesh(mesh_shape)
+    tx = fa.adamw_8bit(LR, weight_decay=0.1, min_8bit_size=64, block_size=64)
+    params = ml.placed(ml.random_tree(0), mesh, layout)
+    grads = ml.placed(ml.random_tree(1), mesh, layout)
+    state = fa.init_sharded(tx, params)
+    shardings = (ml.shardings_of(params), fa.state_shardings(tx, params))
+    step = jax.jit(
+        ml.step_fn(tx, "update_and_apply"), donate_argnums=(0, 1), out_shardings=shardings
+    )
+    hlo = step.lower(params, state, grads).compile().as_text()
+    assert calls and ml.gathers_of_arrays(hlo) == [] and "CustomSPMDPartitioning" not in hlo
+    reference = jax.block_until_ready(_xla_step(tx)(params, state, grads))
+    one_device = _one_device_step(tx, params, state, grads, target="")
+    new = jax.block_until_ready(step(params, state, grads))
+    ml.assert_same_shardings(new, shardings)
+    chex.assert_trees_all_equal(jax.device_get(new), jax.device_get(one_device))
+    for a, b in zip(jax.tree.leaves(new[1]), jax.tree.leaves(reference[1]), strict=True):
+        gap = np.abs(np.asarray(a).astype(np.int64) - np.asarray(b))
+        assert gap.max() <= 1 if a.dtype.kind in "iu" else np.allclose(a, b, rtol=3e-7)
+    assert_within_ulps(new[0], reference[0], 4, scale_floor=LR)

@@ -209,8 +209,9 @@ def _counts(x):
 
 
 def _run_steps(tx, params, state, grads_list):
-    """Jitted, donated steps one at a time: ``(params, state, first step's state, step)``."""
-    step = jax.jit(ml.step_fn(tx, "update"), donate_argnums=(0, 1))
+    """Jitted, donated steps of the XLA path one at a time: ``(params, state, first step's
+    state, step)`` (the kernels per shard: tests/mesh_cases_kernel.py)."""
+    step = jax.jit(ml.step_fn(tx, "xla"), donate_argnums=(0, 1))
     first = None
     for grads in grads_list:
         params, state = jax.block_until_ready(step(params, state, grads))

@@ -6,6 +6,7 @@ subprocess with 8 simulated CPU devices; importing this module needs no devices.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -17,6 +18,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import functional_adam as fa
+from functional_adam.kernels.dispatch import reference_path
 
 MESH_SHAPES = [(8, 1), (2, 4), (4, 2)]
 AXES = ("data", "model")
@@ -124,12 +126,15 @@ def gathers_of_arrays(hlo_text: str) -> list[tuple[str, str, int]]:
 
 
 def step_fn(tx, via: str):
-    """A step ``(params, state, grads) -> (params, state)``: ``update_and_apply`` or update+apply."""
+    """A step ``(params, state, grads) -> (params, state)``: ``update_and_apply``, update+apply
+    (``"update"``), or update+apply on the XLA path (``"xla"``: traced inside
+    ``reference_path()``, so no kernel)."""
 
     def step(params, state, grads):
         if via == "update_and_apply":
             return fa.update_and_apply(tx, grads, state, params)
-        updates, state = tx.update(grads, state, params)
+        with reference_path() if via == "xla" else contextlib.nullcontext():
+            updates, state = tx.update(grads, state, params)
         return fa.apply_updates(params, updates), state
 
     return step

@@ -109,7 +109,7 @@ def reference_step(
     s = KernelScalars(*scalars)
     out = []
     for leaf, decays in zip(leaves, decay, strict=True):
-        (p, g, *codes), back = _as_flat((leaf[0], leaf[1], *leaf[2], *leaf[3]))
+        (p, g, *codes), back = as_flat((leaf[0], leaf[1], *leaf[2], *leaf[3]))
         mu, nu = BlockQuantized(*codes[:2]), BlockQuantized(*codes[2:])
         n_blocks, block = mu.codes.shape
         flat = jnp.pad(g.reshape(-1), (0, n_blocks * block - g.size)).reshape(n_blocks, block)
@@ -234,12 +234,12 @@ def _any_call(packed, leaves, decay, nesterov, simd, updates=False, code="dynami
     """:func:`_one_call` for flat and shard-major leaves: the shard-major ones are called as
     the flat blocks of their arrays in shard-major order (each shard flattened and padded
     to whole blocks; on a device holding one shard's blocks, just a reshape) and put back."""
-    flat, undo = zip(*(_as_flat(leaf) for leaf in leaves), strict=True)
+    flat, undo = zip(*(as_flat(leaf) for leaf in leaves), strict=True)
     out = _one_call(packed, list(flat), decay, nesterov, simd, updates, code)
     return [back(result) for back, result in zip(undo, out, strict=True)]
 
 
-def _as_flat(leaf):
+def as_flat(leaf):
     """``(leaf as flat blocks, results -> results in the leaf's layout)``."""
     p, g, m_codes, m_scales, v_codes, v_scales = leaf
     if not is_shard_major([x.shape for x in leaf]):

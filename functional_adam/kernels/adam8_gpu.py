@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from functional_adam.kernels import adam8_cpu, per_shard
 from functional_adam.kernels.adam8_cpu import Leaf8, reference_step
 from functional_adam.kernels.adam_cpu import KernelScalars
 from functional_adam.kernels.adam_gpu import launch
@@ -189,9 +190,36 @@ def adam8_step(
     """:func:`functional_adam.kernels.adam8_cpu.adam8_step` as a Pallas kernel (GPU, or interpreted).
 
     Leaves go in launches of :data:`LEAVES_PER_CALL` leaves with the same block size.
-    ``updates`` (the first result of each leaf is the update) and ``code``, as there.
-    Differentiable through :func:`~functional_adam.kernels.adam8_cpu.reference_step`.
+    ``updates`` (the first result of each leaf is the update; one device only) and
+    ``code``, as there. With several devices each runs the launches on its shards of each leaf, cut as the CPU
+    kernel cuts them (:class:`functional_adam.kernels.adam8_cpu.Blocks`; shard-major
+    blocks where they lie). Differentiable through
+    :func:`~functional_adam.kernels.adam8_cpu.reference_step`.
     """
+    flat = [(p, g, *mu, *nu) for p, g, mu, nu in leaves]
+    statics = (tuple(decay), nesterov, interpret, updates, code)
+    if jax.device_count() > 1:  # the arrays may be sharded: each device on its shards
+        if updates:
+            raise ValueError("adam8_step(updates=True) runs on one device")
+        out = per_shard.per_shard_call(_per_device, statics, scalars, flat, adam8_cpu.Blocks())
+    else:
+        out = _per_device(scalars, flat, *statics)
+    return [(r[0], BlockQuantized(*r[1:3]), BlockQuantized(*r[3:5])) for r in out]
+
+
+def _per_device(scalars, leaves, decay, nesterov, interpret, updates, code):
+    """One device's launches on its arrays ``(θ, g, m codes, m scales, v codes, v scales)``
+    per leaf; shard-major leaves as the flat blocks of their shards, and back."""
+    flat, undo = zip(*(adam8_cpu.as_flat(leaf) for leaf in leaves), strict=True)
+    blocks = [
+        (p, g, BlockQuantized(mc, ms), BlockQuantized(vc, vs)) for p, g, mc, ms, vc, vs in flat
+    ]
+    out = _launches(scalars, blocks, decay, nesterov, interpret, updates, code)
+    return [back((q, *mu, *nu)) for back, (q, mu, nu) in zip(undo, out, strict=True)]
+
+
+def _launches(scalars, leaves, decay, nesterov, interpret, updates, code):
+    """Flat-block leaves in launches of up to :data:`LEAVES_PER_CALL` of one block size."""
     out = [None] * len(leaves)
     by_block: dict[int, list[int]] = {}
     for i, (_, _, mu, _) in enumerate(leaves):

@@ -2,11 +2,11 @@
 
 :func:`adam8_chain` builds ``chain(scale_by_adam_8bit, [add_decayed_weights],
 scale_by_learning_rate)`` and, with it, the step that computes the same chain and
-the parameter update in one pass (and, for a plain ``update`` on one device, the
-same pass writing the update ``-lr·(u [+ wd·θ])`` over the gradient instead of θ;
-the float32-moment leaves then in ``jax.numpy``): on the CPU the C++ kernels (8-bit
+the parameter update in one pass (and, for a plain ``update`` on one device, the same
+pass writing the update ``-lr·(u [+ wd·θ])`` over the gradient instead of θ; the
+float32-moment leaves then in ``jax.numpy``): on the CPU the C++ kernels (8-bit
 leaves: :mod:`functional_adam.kernels.adam8_cpu`; leaves below ``min_8bit_size``,
-which keep float32 moments: :mod:`functional_adam.kernels.adam_cpu`), on one GPU
+which keep float32 moments: :mod:`functional_adam.kernels.adam_cpu`), on GPUs
 the Pallas kernel (:mod:`functional_adam.kernels.adam8_gpu`; the float32-moment
 leaves in ``jax.numpy``). They share the chain's state, so they can alternate;
 the codes and scales equal the chain's and the parameters are within a few ulps
@@ -15,13 +15,12 @@ the codes and scales equal the chain's and the parameters are within a few ulps
 The kernel step applies where every parameter and gradient is float32, every
 plain moment float32, every hyperparameter a scalar, and the devices are CPUs
 whose kernel was built with its AVX-512 code (its scalar code, for other CPUs,
-is slower than XLA's loops), or one GPU; anything else takes the chain, which
-also gives the errors for bad input. With several CPU devices each runs the
+is slower than XLA's loops), or GPUs; anything else takes the chain, which
+also gives the errors for bad input. With several devices each runs the
 kernels on its shards (:mod:`functional_adam.kernels.per_shard`): an 8-bit leaf
 laid out per shard (:mod:`functional_adam.storage.shard_blocks`), or flat with its
 blocks along its parameter's first-axis shards, steps there, any other on gathered
-arrays (:class:`functional_adam.kernels.adam8_cpu.Blocks`). The Pallas kernel takes
-flat blocks only.
+arrays (:class:`functional_adam.kernels.adam8_cpu.Blocks`).
 """
 
 from __future__ import annotations
@@ -99,9 +98,7 @@ def _where() -> str | None:
     if backend == "cpu":  # with several devices, each on its shards (kernels/per_shard.py)
         # The kernel's scalar code (CPUs without AVX-512) is slower than XLA's loops.
         return "cpu" if cpu_kernel_applies() and build.has_8bit_simd() else None
-    if jax.device_count() != 1:  # a GPU kernel call is not partitioned: the XLA path
-        return None
-    return "gpu" if backend == "gpu" else None
+    return "gpu" if backend == "gpu" else None  # with several, each on its shards
 
 
 def _kernel_step(scalars, leaves, flags, nesterov, where, updates=False, code="dynamic"):
@@ -172,15 +169,11 @@ def adam8_chain(
         if not isinstance(adam_state, state_type) or where is None:
             return None
         if updates and jax.device_count() > 1:
-            return None  # on a mesh, plain updates take the chain (the kernel aliases per shard)
+            return None  # on a mesh a plain update takes the chain (and its layout checks)
         found = kernel_leaves(grads, adam_state, params)
         if found is None:
             return None
         treedef, leaves = found
-        if where == "gpu" and any(
-            m.codes.ndim > 2 for _, _, m, _ in leaves if isinstance(m, BlockQuantized)
-        ):
-            return None  # the Pallas kernel takes flat blocks; shard-major ones: the XLA path
         if jax.device_count() > 1 and not per_shard.supported([jax.tree.leaves(x) for x in leaves]):
             return None  # a mesh of Auto and Explicit axes together
         count = safe_increment(adam_state.count)
