@@ -69,9 +69,6 @@ CONFIGS = {
     "nadamw_8bit_float_codes_block_64": lambda: fa.adamw_8bit(
         3e-3, nesterov=True, weight_decay=0.1, block_size=64, code="float"
     ),
-    "adam_8bit_float_codes_block_8_scalar_path": lambda: fa.adam_8bit(
-        1e-2, block_size=8, min_8bit_size=64, code="float"
-    ),
     "chain_clip_inject": lambda: optax.chain(
         optax.clip_by_global_norm(1.0),
         optax.inject_hyperparams(fa.adamw_8bit, static_args=("block_size", "min_8bit_size"))(
@@ -323,7 +320,7 @@ def test_hypergradient_and_vmap_through_the_kernel():
         tx = fa.adamw_8bit(lr, weight_decay=0.1, min_8bit_size=64, block_size=64)
         params = jnp.linspace(-1.0, 1.0, 256)
         state = tx.init(params)
-        for _ in range(3):
+        for _ in range(2):
             grads = 2 * params
             if fused:
                 params, state = fa.update_and_apply(tx, grads, state, params)
@@ -333,7 +330,7 @@ def test_hypergradient_and_vmap_through_the_kernel():
         return jnp.sum(params**2)
 
     def grad_and_batch(fused):  # jitted (new functions: no trace is shared between the calls)
-        lrs = jnp.array([0.01, 0.1, 0.3])
+        lrs = jnp.array([0.01, 0.3])
         grad = jax.jit(jax.grad(final_loss), static_argnums=1)(0.1, fused)
         return grad, jax.jit(jax.vmap(lambda lr: final_loss(lr, fused)))(lrs)
 
