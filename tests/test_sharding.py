@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def test_on_eight_simulated_devices(module):
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", module, "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", module, "-p", "no:cacheprovider", "-n", "0"],
         cwd=REPO_ROOT,
         env={**os.environ, "XLA_FLAGS": flags},
         capture_output=True,

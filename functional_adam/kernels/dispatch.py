@@ -67,8 +67,9 @@ _APPLYING = _Applying()
 def reference_path() -> Iterator[None]:
     """While active, fusable transformations step by their own ``jax.numpy`` path, no kernel.
 
-    It acts where a step is *traced*: create (or first call) the jitted function inside it,
-    since ``jax.jit`` reuses a trace made outside. For comparing a kernel with the reference
+    It acts where a step is *traced*: enter it inside the function that ``jax.jit`` traces
+    (around ``tx.update``), or create and first call the jitted function inside it, since
+    ``jax.jit`` reuses a trace made outside. For comparing a kernel with the reference
     path, or for results that do not depend on which kernel this machine built.
 
     Example:
