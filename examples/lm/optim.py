@@ -36,7 +36,9 @@ FA_OPTIMIZERS: tuple[str, ...] = (
 )
 """functional_adam's own optimizers offered by ``--optimizer``."""
 
-MOMENTS: tuple[str, ...] = ("float32", "bfloat16", "8bit")
+MOMENTS: tuple[str, ...] = ("float32", "bfloat16", "8bit", "8bit_float")
+"""Moment storage: ``8bit`` the dynamic map's codes, ``8bit_float`` float codes
+(``code="float"``)."""
 
 EIGHT_BIT = {"adam": ("adam_8bit", False), "adamw": ("adamw_8bit", False)}
 EIGHT_BIT |= {"nadam": ("adam_8bit", True), "nadamw": ("adamw_8bit", True)}
@@ -91,11 +93,12 @@ def schedule(
 def _fa_optimizer(name: str, moments: str, lr: Any, weight_decay: float):
     if name.endswith("_8bit") and moments == "bfloat16":
         raise OptimizerError(f"--moments bfloat16: --optimizer {name} keeps 8-bit moments")
-    if moments == "8bit" or name.endswith("_8bit"):
+    if moments.startswith("8bit") or name.endswith("_8bit"):
         if name not in EIGHT_BIT:
-            raise OptimizerError(f"--moments 8bit: no 8-bit variant of --optimizer {name}")
+            raise OptimizerError(f"--moments {moments}: no 8-bit variant of --optimizer {name}")
         name, nesterov = EIGHT_BIT[name]
-        kwargs: dict[str, Any] = {"nesterov": nesterov}
+        code = "float" if moments == "8bit_float" else "dynamic"
+        kwargs: dict[str, Any] = {"nesterov": nesterov, "code": code}
     else:
         dtype = jnp.bfloat16 if moments == "bfloat16" else jnp.float32
         kwargs = {"mu_dtype": dtype, "nu_dtype": dtype}
@@ -133,8 +136,9 @@ def make_optimizer(
       name: one of :func:`optimizer_names`.
       learning_rate: a float or a schedule ``count -> lr``.
       weight_decay: the decoupled decay of the AdamW variants.
-      moments: ``"float32"``, ``"bfloat16"`` (both moments stored in bfloat16) or ``"8bit"``
-        (block-quantized, :func:`functional_adam.adam_8bit`).
+      moments: ``"float32"``, ``"bfloat16"`` (both moments stored in bfloat16), ``"8bit"``
+        (block-quantized, :func:`functional_adam.adam_8bit`) or ``"8bit_float"`` (the same
+        with ``code="float"``).
       master_weights: wrap in :func:`functional_adam.with_master_weights` (a float32 copy of
         each 16-bit parameter in the state).
       clip_norm: clip gradients to this global norm first (0: no clipping).
