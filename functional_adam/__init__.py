@@ -22,7 +22,7 @@ from functional_adam.core.base import (
 )
 from functional_adam.core.lift import layout_hints
 from functional_adam.core.numerics import safe_increment
-from functional_adam.kernels.dispatch import update_and_apply
+from functional_adam.kernels.dispatch import reference_path, update_and_apply
 from functional_adam.optimizers.adabelief import ScaleByBeliefState, adabelief, scale_by_belief
 from functional_adam.optimizers.adam import (
     ScaleByAdamState,
@@ -148,6 +148,7 @@ __all__ = [
     "nadam",
     "nadamw",
     "radam",
+    "reference_path",
     "safe_increment",
     "scale",
     "scale_by_adam",

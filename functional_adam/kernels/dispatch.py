@@ -75,9 +75,8 @@ def reference_path() -> Iterator[None]:
     Example:
         >>> import jax.numpy as jnp
         >>> import functional_adam as fa
-        >>> from functional_adam.kernels.dispatch import reference_path
         >>> tx, p = fa.adam_8bit(0.1, min_8bit_size=0), jnp.ones(4)
-        >>> with reference_path():
+        >>> with fa.reference_path():
         ...     u, _ = tx.update(jnp.ones(4), tx.init(p), p)
         >>> [round(float(x), 3) for x in u]
         [-0.1, -0.1, -0.1, -0.1]

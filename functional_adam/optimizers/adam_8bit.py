@@ -32,7 +32,7 @@ block decodes, steps, finds the new block maxima, encodes and writes θ, in plac
 the same codes as the chain. A plain ``update`` on one device takes the same kernel and
 writes the update over the gradient's buffer, so ``update`` + ``optax.apply_updates``
 (Flax's ``TrainState.apply_gradients``) is fast too; inside
-:func:`functional_adam.kernels.dispatch.reference_path` both take the chain's
+:func:`functional_adam.reference_path` both take the chain's
 ``jax.numpy`` path. The default ``block_size`` is
 256 (bitsandbytes' choice; 2048 is as fast here and slightly less accurate,
 see BENCHMARKS.md).
